@@ -1,0 +1,34 @@
+# uwrt developer entry points. Every target installs what it needs into $(VENV) first.
+#   make demo   install (CPU profile), build the demo bundle, score sample applicants
+#   make test   install (CPU profile + test tools), run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BUNDLE ?= bundles/demo
+BIN    := $(VENV)/bin
+
+.PHONY: install install-test demo test stubs clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements/cpu.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
+	$(BIN)/python scripts/check_torch_cpu.py
+
+install-test: install
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements/test.txt
+
+demo: install
+	@test -f $(BUNDLE)/manifest.json || $(BIN)/uwrt build-demo --out $(BUNDLE)
+	$(BIN)/uwrt generate --n 10 --seed 7 --out sample_requests.jsonl
+	$(BIN)/uwrt score --bundle $(BUNDLE) --input sample_requests.jsonl
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+stubs: $(BIN)/python
+	$(BIN)/python scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) bundles sample_requests.jsonl .pytest_cache
