@@ -53,7 +53,7 @@ class Pipeline:
         self.encoder_config = bundle.encoder_config
         self.policy = bundle.policy
         self.limits = limits
-        booster = load_booster(bundle.tree_model_path(), nthread=tree_threads)
+        booster = load_booster(bundle.tree_model_bytes(), nthread=tree_threads)  # bytes verified against the manifest
         self.encoder = encoder or TorchEncoderBackend(bundle.encoder_config, bundle.encoder_state())
         self.trees = trees or XGBoostTreeStage(booster)
         self.explainer = TreeExplainer(booster)

@@ -27,11 +27,12 @@ class TreeStage(Protocol):
     def predict_margin(self, rows: np.ndarray) -> np.ndarray: ...
 
 
-def load_booster(path: str | pathlib.Path, *, nthread: int = 1) -> xgb.Booster:
+def load_booster(model: str | pathlib.Path | bytes | bytearray, *, nthread: int = 1) -> xgb.Booster:
+    """A Booster from a model file or its (already verified) bytes, with an explicit thread count."""
     try:
-        booster = xgb.Booster(model_file=str(path))
+        booster = xgb.Booster(model_file=bytearray(model) if isinstance(model, (bytes, bytearray)) else str(model))
     except xgb.core.XGBoostError as e:
-        raise BundleError(f"cannot load tree model {path}: {e}") from e
+        raise BundleError(f"cannot load tree model: {e}") from e
     booster.set_param({"nthread": nthread})
     return booster
 
