@@ -6,6 +6,7 @@ input-file errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -16,11 +17,13 @@ from runtime.errors import BundleError
 
 
 def _open_in(path: str):
-    return sys.stdin if path == "-" else open(path, encoding="utf-8")
+    """A context manager for reading `path` ('-' = stdin, left open)."""
+    return contextlib.nullcontext(sys.stdin) if path == "-" else open(path, encoding="utf-8")
 
 
 def _open_out(path: str):
-    return sys.stdout if path == "-" else open(path, "w", encoding="utf-8")
+    """A context manager for writing `path` ('-' = stdout, left open)."""
+    return contextlib.nullcontext(sys.stdout) if path == "-" else open(path, "w", encoding="utf-8")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -50,7 +53,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from runtime.featurize import Limits
     pipe = Pipeline.from_dir(args.bundle, limits=Limits(cfg.max_request_events), tree_threads=cfg.tree_threads)
     try:
-        requests = list(read_jsonl(_open_in(args.input)))
+        with _open_in(args.input) as fh:
+            requests = list(read_jsonl(fh))
     except (OSError, ValueError) as e:
         print(f"error: {args.input}: {e}", file=sys.stderr)
         return 2

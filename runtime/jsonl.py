@@ -5,6 +5,7 @@ Thread safety: stateless functions.
 """
 from __future__ import annotations
 
+import json
 from typing import IO, Iterable, Iterator
 
 from google.protobuf import json_format
@@ -14,7 +15,12 @@ from runtime.pb import pb
 
 
 def to_json_line(msg: Message) -> str:
-    return json_format.MessageToJson(msg, indent=None, ensure_ascii=True)
+    """One-line protobuf JSON mapping. Map fields (`features`) come out with sorted keys: protobuf's
+    map iteration order differs between processes, and files must be byte-identical."""
+    d = json_format.MessageToDict(msg)
+    if isinstance(d.get("features"), dict):
+        d["features"] = dict(sorted(d["features"].items()))
+    return json.dumps(d, indent=None)
 
 
 def write_jsonl(messages: Iterable[Message], fh: IO[str]) -> int:

@@ -1,0 +1,1 @@
+"""Demo / data-generation helpers for uwrt (synthetic applicants, training data)."""
