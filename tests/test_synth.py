@@ -10,7 +10,7 @@ import pytest
 
 from runtime.pb import pb
 from runtime.schema import EVENT_TYPE_IDS, FeatureSchema
-from uwrt_demo import synth
+from uwrt_demo import signal_check, synth
 
 N = 5000
 SEED = 11
@@ -119,7 +119,7 @@ def test_labels_base_rates_and_time_spread(big):
 def test_label_depends_on_event_order(big):
     """Deterioration (bad payments newer than good ones) defaults far more often than
     old-and-recovered delinquency."""
-    orc = synth.oracle_matrix(big.requests)
+    orc = signal_check.oracle_matrix(big.requests)
     det = orc[:, synth.ORACLE_FEATURES.index("deterioration")]
     assert big.default[det > 0.5].mean() > 2.0 * big.default[det < -0.5].mean()
     assert (det > 0.5).sum() > 100 and (det < -0.5).sum() > 100
@@ -153,7 +153,7 @@ def test_shuffle_control(big, rng):
         assert Counter(_rows(out)) == Counter(_rows(req))
         assert dict(out.features) == dict(req.features)
         assert out.purchase == req.purchase and out.request_id == req.request_id and out.as_of == req.as_of
-        assert np.allclose(synth.bag_matrix([out]), synth.bag_matrix([req]), rtol=1e-12, atol=0)
+        assert np.allclose(signal_check.bag_matrix([out]), signal_check.bag_matrix([req]), rtol=1e-12, atol=0)
         changed += _rows(out) != _rows(req)
     assert changed >= 0.9 * len(long_reqs)
     one = next(r for r in big.requests if len(r.history.type) == 1)
@@ -201,6 +201,6 @@ def test_drift_worsens_later_population():
 
 def test_signal_report_smoke():
     """Small-n run of the signal check (the real one is n=20000: python -m uwrt_demo.synth)."""
-    r = synth.signal_report(3000, 5, trees=60)
+    r = signal_check.signal_report(3000, 5, trees=60)
     assert 0.6 < r["auc_tabular"] < 0.95
     assert r["gain_oracle"] > 0.02 and r["gain_oracle"] > r["gain_shuffled"] + 0.01

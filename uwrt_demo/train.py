@@ -35,7 +35,7 @@ from runtime.encoder import SequenceEncoder
 from runtime.featurize import FeatureBatch, PackedEvents, featurize
 from runtime.schema import EncoderConfig, FeatureSchema, Policy
 from uwrt_demo import synth
-from uwrt_demo.synth import auc
+from uwrt_demo.signal_check import auc
 
 log = logging.getLogger("uwrt.demo")
 
