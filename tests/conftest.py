@@ -15,3 +15,25 @@ def rng():
     seed = int(os.environ.get("UWRT_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
     print(f"UWRT_TEST_SEED={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory):
+    """A demo bundle built from scratch with the 'small' preset (seconds), shared by the session."""
+    from uwrt_demo.train import DemoConfig, build_demo
+    out = tmp_path_factory.mktemp("bundles") / "small"
+    build_demo(out, DemoConfig.preset("small"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipe(small_bundle):
+    from runtime.pipeline import Pipeline
+    return Pipeline.from_dir(small_bundle)
+
+
+@pytest.fixture(scope="session")
+def traffic():
+    """300 generator requests (seed 11)."""
+    from uwrt_demo.synth import generate
+    return generate(300, 11, id_prefix="t-").requests

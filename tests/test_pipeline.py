@@ -11,27 +11,9 @@ from runtime.errors import InvalidRequest
 from runtime.featurize import featurize
 from runtime.jsonl import read_jsonl, write_jsonl
 from runtime.pb import pb
-from runtime.pipeline import Pipeline
 from runtime.policy import outcome_for
 from uwrt_demo.synth import generate
 from uwrt_demo.train import DemoConfig, build_demo
-
-
-@pytest.fixture(scope="session")
-def small_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "small"
-    build_demo(out, DemoConfig.preset("small"))
-    return out
-
-
-@pytest.fixture(scope="session")
-def pipe(small_bundle):
-    return Pipeline.from_dir(small_bundle)
-
-
-@pytest.fixture(scope="session")
-def traffic():
-    return generate(300, 11, id_prefix="t-").requests
 
 
 def test_every_request_gets_a_complete_decision(pipe, traffic):

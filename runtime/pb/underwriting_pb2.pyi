@@ -188,7 +188,7 @@ class Timing(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., featurize_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., trees_us: _Optional[int] = ..., policy_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
 
 class DecisionResponse(_message.Message):
-    __slots__ = ("request_id", "outcome", "probability_of_default", "score", "reasons", "model", "path", "warnings", "timing", "counteroffer_amount_minor")
+    __slots__ = ("request_id", "outcome", "probability_of_default", "score", "reasons", "model", "path", "warnings", "timing", "counteroffer_amount_minor", "error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_OF_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,7 @@ class DecisionResponse(_message.Message):
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     COUNTEROFFER_AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     outcome: Outcome
     probability_of_default: float
@@ -209,7 +210,18 @@ class DecisionResponse(_message.Message):
     warnings: _containers.RepeatedCompositeFieldContainer[Warning]
     timing: Timing
     counteroffer_amount_minor: int
-    def __init__(self, request_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., probability_of_default: _Optional[float] = ..., score: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., path: _Optional[_Union[DecisionPath, str]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., counteroffer_amount_minor: _Optional[int] = ...) -> None: ...
+    error: RequestError
+    def __init__(self, request_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., probability_of_default: _Optional[float] = ..., score: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., path: _Optional[_Union[DecisionPath, str]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., counteroffer_amount_minor: _Optional[int] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+
+class RequestError(_message.Message):
+    __slots__ = ("code", "message", "field")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    field: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
