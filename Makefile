@@ -21,7 +21,7 @@ install-test: install
 
 demo: install
 	@test -f $(BUNDLE)/manifest.json || $(BIN)/uwrt build-demo --out $(BUNDLE)
-	$(BIN)/uwrt generate --n 10 --seed 7 --out sample_requests.jsonl
+	$(BIN)/uwrt generate --n 20 --seed 7 --out sample_requests.jsonl
 	$(BIN)/uwrt score --bundle $(BUNDLE) --input sample_requests.jsonl
 
 test: install-test

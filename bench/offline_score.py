@@ -56,7 +56,7 @@ def main() -> int:
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
-    cfg = RuntimeConfig.from_env(torch_threads=args.torch_threads)
+    cfg = RuntimeConfig.load(torch_threads=args.torch_threads)
     cfg.apply_threads()
     pipe = Pipeline.from_dir(args.bundle, tree_threads=cfg.tree_threads)
     reqs = generate(args.n, args.seed, id_prefix="bench-").requests

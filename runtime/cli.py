@@ -12,8 +12,10 @@ import sys
 import time
 
 from runtime import __version__
-from runtime.config import RuntimeConfig
+from runtime.config import RuntimeConfig, knobs
 from runtime.errors import BundleError
+
+DEFAULT_BUNDLE = "bundles/demo"
 
 
 def _open_in(path: str):
@@ -48,9 +50,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from runtime.errors import InvalidRequest
     from runtime.jsonl import read_jsonl, to_json_line
     from runtime.pipeline import Pipeline
-    cfg = RuntimeConfig.from_env(torch_threads=args.torch_threads, score_batch_size=args.batch_size)
-    cfg.apply_threads()
     from runtime.featurize import Limits
+    cfg = config_from_args(args)
+    cfg.apply_threads()
     pipe = Pipeline.from_dir(args.bundle, limits=Limits(cfg.max_request_events), tree_threads=cfg.tree_threads)
     try:
         with _open_in(args.input) as fh:
@@ -74,6 +76,40 @@ def cmd_score(args: argparse.Namespace) -> int:
     print(f"scored {n - n_bad} of {n} requests in {dt:.2f}s ({n / dt if dt else 0:.0f} requests/s, "
           f"batch {cfg.score_batch_size}, bundle {pipe.identity.bundle_id})", file=sys.stderr)
     return 1 if n_bad else 0
+
+
+def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """--config FILE plus one flag per RuntimeConfig knob (leaf name, dashes), default None so
+    that the file and UWRT_* environment variables apply unless a flag is given."""
+    p.add_argument("--config", default=None, help="TOML configuration file (see README: Configuration)")
+    g = p.add_argument_group("runtime configuration (defaults: runtime/config.py; README: Configuration)")
+    for dotted, typ, default, doc in knobs():
+        leaf = dotted.split(".")[-1]
+        if only is not None and leaf not in only:
+            continue
+        conv = (lambda t: tuple(int(x) for x in t.split(","))) if typ not in (int, float, str) else typ
+        g.add_argument("--" + leaf.replace("_", "-"), dest=f"knob_{leaf}", type=conv, default=None,
+                       help=f"{doc} (default {default})".replace("%", "%%"))
+
+
+def config_from_args(args: argparse.Namespace) -> RuntimeConfig:
+    over = {k[len("knob_"):]: v for k, v in vars(args).items() if k.startswith("knob_")}
+    return RuntimeConfig.load(getattr(args, "config", None), **over)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    from runtime.server import build_pipeline, serve
+    cfg = config_from_args(args)
+    bundle = cfg.bundle or DEFAULT_BUNDLE
+    if not cfg.bundle and not os.path.exists(os.path.join(bundle, "manifest.json")):
+        from uwrt_demo.train import DemoConfig, build_demo
+        print(f"no bundle given and {bundle} does not exist: building the demo bundle first (~3 min)",
+              file=sys.stderr, flush=True)
+        build_demo(bundle, DemoConfig.preset("full"))
+    pipe = build_pipeline(cfg, bundle)
+    return asyncio.run(serve(pipe, cfg))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,9 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundle", required=True, help="bundle directory")
     s.add_argument("--input", required=True, help="requests JSONL ('-' for stdin)")
     s.add_argument("--output", default="-", help="responses JSONL (default: stdout)")
-    s.add_argument("--batch-size", type=int, default=None, help="requests per pipeline call (default 64)")
-    s.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default 1)")
+    add_config_flags(s, only=("score_batch_size", "torch_threads", "tree_threads", "max_request_events"))
     s.set_defaults(func=cmd_score)
+
+    v = sub.add_parser("serve", help="run the gRPC decision server",
+                       description="Serve Underwriting (Decide, DecideStream, GetModelInfo) with dynamic batching, "
+                                   "grpc.health.v1 and reflection. Serves --bundle, or the demo bundle at "
+                                   f"{DEFAULT_BUNDLE} (built on first use). SIGTERM/SIGINT drain and exit 0.")
+    add_config_flags(v)
+    v.set_defaults(func=cmd_serve)
+
+    from runtime import client
+    client.register(sub)
 
     from runtime import bundle_cli
     bundle_cli.register(sub)

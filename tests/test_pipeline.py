@@ -123,7 +123,7 @@ def test_score_cli_end_to_end(small_bundle, tmp_path, capsys):
     assert main(["generate", "--n", "25", "--seed", "5", "--out", str(req_file)]) == 0
     out_file = tmp_path / "out.jsonl"
     assert main(["score", "--bundle", str(small_bundle), "--input", str(req_file), "--output", str(out_file),
-                 "--batch-size", "7"]) == 0
+                 "--score-batch-size", "7"]) == 0
     with open(req_file) as fh:
         reqs = list(read_jsonl(fh))
     with open(out_file) as fh:
