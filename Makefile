@@ -1,12 +1,13 @@
 # uwrt developer entry points. Every target installs what it needs into $(VENV) first.
-#   make demo   install (CPU profile), build the demo bundle, score sample applicants
+#   make serve  install (CPU profile), build the demo bundle if missing, start the server
+#   make demo   install, build the demo bundle if missing, score sample applicants offline
 #   make test   install (CPU profile + test tools), run the test suite
 PYTHON ?= python3.11
 VENV   ?= .venv
 BUNDLE ?= bundles/demo
 BIN    := $(VENV)/bin
 
-.PHONY: install install-test demo test stubs clean
+.PHONY: install install-test bundle serve demo test stubs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +20,13 @@ install: $(BIN)/python
 install-test: install
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements/test.txt
 
-demo: install
+bundle: install
 	@test -f $(BUNDLE)/manifest.json || $(BIN)/uwrt build-demo --out $(BUNDLE)
+
+serve: bundle
+	$(BIN)/uwrt serve --bundle $(BUNDLE) $(SERVE_ARGS)
+
+demo: bundle
 	$(BIN)/uwrt generate --n 20 --seed 7 --out sample_requests.jsonl
 	$(BIN)/uwrt score --bundle $(BUNDLE) --input sample_requests.jsonl
 

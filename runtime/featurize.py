@@ -15,6 +15,7 @@ Thread safety: pure functions over their arguments; safe to call from any thread
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -123,65 +124,77 @@ class Limits:
 
 def featurize(requests: list[pb.DecisionRequest], schema: FeatureSchema, enc: EncoderConfig,
               limits: Limits = Limits()) -> tuple[FeatureBatch, dict[int, InvalidRequest]]:
-    """Validate and featurize each request; return the batch of valid ones and the errors by position."""
+    """Validate and featurize each request; return the batch of valid ones and the errors by position.
+
+    Per request: envelope and tabular checks, and the history columns pulled out as arrays. Then
+    once for the whole batch: every per-event check and every event feature, vectorised over the
+    concatenated columns. A request with any bad event is re-checked on its own (`_check_events`)
+    so its error names the first offending field exactly as a lone request would.
+    """
     errors: dict[int, InvalidRequest] = {}
     index: list[int] = []
-    ids: list[str] = []
     rows: list[np.ndarray] = []
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     warns: list[list[pb.Warning]] = []
+    cols: list[tuple[np.ndarray, ...]] = []
     for i, req in enumerate(requests):
         try:
-            row, w1 = _tabular_row(req, schema)
-            ev, w2 = _events(req, enc, limits)
+            row, w = _tabular_row(req, schema)
+            c = _columns(req, limits)
         except InvalidRequest as e:
             errors[i] = e
             continue
         index.append(i)
-        ids.append(req.request_id)
         rows.append(row)
-        parts.append(ev)
-        warns.append(w2 + w1)
-    lens = np.array([len(p[0]) for p in parts], dtype=np.int64)
-    cu = np.zeros(len(parts) + 1, dtype=np.int32)
-    cu[1:] = np.cumsum(lens)
-    n_num = enc.n_numeric
-    events = PackedEvents(
-        type_ids=np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64),
-        mcc_ids=np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64),
-        numeric=np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, n_num), np.float32),
-        cu_seqlens=cu, max_len=int(lens.max()) if len(lens) else 0)
+        warns.append(w)
+        cols.append(c)
+    if cols:
+        keep = _drop_bad_events(requests, index, cols, errors)
+        if not keep.all():
+            index = [r for r, k in zip(index, keep) if k]
+            rows = [r for r, k in zip(rows, keep) if k]
+            warns = [w for w, k in zip(warns, keep) if k]
+            cols = [c for c, k in zip(cols, keep) if k]
+    as_of = np.array([requests[i].as_of.seconds for i in index], dtype=np.int64)
+    events, ev_warns = _pack(cols, as_of, enc)
     n_cols = len(schema.applicant) + schema.n_purchase
     tab = np.stack(rows).astype(np.float32) if rows else np.zeros((0, n_cols), np.float32)
-    return FeatureBatch(index, ids, events, tab, warns), errors
+    warnings = [ew + w for ew, w in zip(ev_warns, warns)]
+    return FeatureBatch(index, [requests[i].request_id for i in index], events, tab, warnings), errors
+
+
+@functools.lru_cache(maxsize=16)
+def _applicant_plan(schema: FeatureSchema) -> tuple[tuple[tuple[str, float, float, float], ...], frozenset[str]]:
+    """(name, impute, lo, hi) per applicant feature, and the known names; cached per schema."""
+    plan = tuple((f.name, f.impute_value, -math.inf if f.min_value is None else f.min_value,
+                  math.inf if f.max_value is None else f.max_value) for f in schema.applicant)
+    return plan, frozenset(f.name for f in schema.applicant)
 
 
 def _tabular_row(req: pb.DecisionRequest, schema: FeatureSchema) -> tuple[np.ndarray, list[pb.Warning]]:
     _check_envelope(req)
-    known = {f.name: f for f in schema.applicant}
-    for name in req.features:
-        if name not in known:
-            raise InvalidRequest(f'features["{name}"]', "unknown feature (not in the bundle's feature schema "
-                                 f"{schema.version})")
-    out = np.empty(len(known) + schema.n_purchase, dtype=np.float64)
+    plan, known = _applicant_plan(schema)
+    feats = dict(req.features)
+    if not feats.keys() <= known:
+        name = min(feats.keys() - known)          # sorted: map order differs between processes
+        raise InvalidRequest(f'features["{name}"]', "unknown feature (not in the bundle's feature schema "
+                             f"{schema.version})")
+    vals: list[float] = []
     warnings = []
-    for j, spec in enumerate(schema.applicant):
-        if spec.name in req.features:
-            v = req.features[spec.name]
-            if not math.isfinite(v):
-                raise InvalidRequest(f'features["{spec.name}"]', f"must be finite, got {v}")
-            if (spec.min_value is not None and v < spec.min_value) or (spec.max_value is not None and v > spec.max_value):
-                raise InvalidRequest(f'features["{spec.name}"]',
-                                     f"{v} is outside [{spec.min_value}, {spec.max_value}]")
-            out[j] = v
+    for name, impute, lo, hi in plan:
+        v = feats.get(name)
+        if v is None:
+            vals.append(impute)
+            warnings.append(pb.Warning(code=pb.FEATURE_IMPUTED, detail=name))
+        elif math.isfinite(v) and lo <= v <= hi:
+            vals.append(v)
+        elif not math.isfinite(v):
+            raise InvalidRequest(f'features["{name}"]', f"must be finite, got {v}")
         else:
-            out[j] = spec.impute_value
-            warnings.append(pb.Warning(code=pb.FEATURE_IMPUTED, detail=spec.name))
-    p = req.purchase
+            raise InvalidRequest(f'features["{name}"]', f"{v} is outside [{lo}, {hi}]")
     if schema.n_purchase:
-        j = len(known)
-        out[j:j + 4] = (math.log1p(p.amount_minor / 100.0), p.installments, p.product, p.mcc // 1000)
-    return out, warnings
+        p = req.purchase
+        vals += (math.log1p(p.amount_minor / 100.0), p.installments, p.product, p.mcc // 1000)
+    return np.array(vals, dtype=np.float64), warnings
 
 
 def _check_envelope(req: pb.DecisionRequest) -> None:
@@ -206,8 +219,8 @@ def _check_envelope(req: pb.DecisionRequest) -> None:
         raise InvalidRequest("purchase.installments", f"must be in 1..{MAX_INSTALLMENTS}, got {p.installments}")
 
 
-def _events(req: pb.DecisionRequest, enc: EncoderConfig, limits: Limits
-            ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], list[pb.Warning]]:
+def _columns(req: pb.DecisionRequest, limits: Limits) -> tuple[np.ndarray, ...]:
+    """The six history columns as int64 arrays (newest first), after the per-request shape checks."""
     h = req.history
     lens = {c: len(getattr(h, c)) for c in _HISTORY_COLUMNS}
     n = lens["type"]
@@ -216,21 +229,53 @@ def _events(req: pb.DecisionRequest, enc: EncoderConfig, limits: Limits
                              + ", ".join(f"{c}={v}" for c, v in lens.items()))
     if n > limits.max_request_events:
         raise InvalidRequest("history", f"{n} events exceeds the request limit of {limits.max_request_events}")
-    if n == 0:
-        w = [pb.Warning(code=pb.EMPTY_HISTORY, detail="no events")]
-        return (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((1, enc.n_numeric), np.float32)), w
-    ts = np.fromiter(h.timestamp_unix_s, dtype=np.int64, count=n)
-    types = np.fromiter(h.type, dtype=np.int64, count=n)
-    amt = np.fromiter(h.amount_minor, dtype=np.int64, count=n)
-    mcc = np.fromiter(h.mcc, dtype=np.int64, count=n)
-    dpd = np.fromiter(h.days_past_due, dtype=np.int64, count=n)
-    inst = np.fromiter(h.installment_index, dtype=np.int64, count=n)
-    as_of = req.as_of.seconds
+    return tuple(np.fromiter(getattr(h, c), dtype=np.int64, count=n) for c in _HISTORY_COLUMNS)
+
+
+def _bad_events(ts, types, amt, mcc, dpd, inst, as_of_tok, same_seg_next) -> np.ndarray:
+    """Per-event: does it break any rule (see _check_events for the rules and their messages)."""
+    t = np.clip(types, 0, len(_VALID_TYPE) - 1)
+    bad = (types != t) | ~_VALID_TYPE[t]
+    bad |= (ts <= 0) | (ts > as_of_tok)
+    bad |= (amt < 0) | (amt > MAX_AMOUNT_MINOR) | (mcc < 0) | (mcc > 9999)
+    bad |= (dpd < 0) | (dpd > MAX_DAYS_PAST_DUE) | (inst < 0) | (inst > MAX_INSTALLMENT_INDEX)
+    newer_after = np.zeros(len(ts), dtype=bool)
+    newer_after[1:] = (ts[1:] > ts[:-1]) & same_seg_next[:-1]
+    return bad | newer_after
+
+
+def _drop_bad_events(requests, index, cols, errors) -> np.ndarray:
+    """Vectorised event checks for the whole batch; returns a keep mask over `index`."""
+    lens = np.array([len(c[0]) for c in cols], dtype=np.int64)
+    keep = np.ones(len(cols), dtype=bool)
+    if lens.sum() == 0:
+        return keep
+    cat = [np.concatenate([c[k] for c in cols]) for k in range(6)]
+    seg = np.repeat(np.arange(len(cols)), lens)
+    as_of = np.array([requests[i].as_of.seconds for i in index], dtype=np.int64)
+    same_next = np.zeros(len(seg), dtype=bool)
+    same_next[:-1] = seg[1:] == seg[:-1]
+    bad = _bad_events(*cat, as_of[seg], same_next)
+    for j in np.unique(seg[bad]):
+        r = index[j]
+        try:
+            _check_events(cols[j], requests[r].as_of.seconds)
+        except InvalidRequest as e:
+            errors[r] = e
+            keep[j] = False
+        else:  # pragma: no cover - the vectorised and the per-request rules disagree: a bug
+            raise AssertionError(f"event checks disagree on request {requests[r].request_id!r}")
+    return keep
+
+
+def _check_events(c: tuple[np.ndarray, ...], as_of: int) -> None:
+    """The per-event rules, in order, for one request; raises InvalidRequest naming the first bad field."""
+    ts, types, amt, mcc, dpd, inst = c
     _first_bad("history.type", (types < 0) | (types >= len(_VALID_TYPE)) | ~_VALID_TYPE[np.clip(types, 0, len(_VALID_TYPE) - 1)],
                types, "unknown or unspecified event type")
     _first_bad("history.timestamp_unix_s", ts <= 0, ts, "must be a positive Unix time")
     _first_bad("history.timestamp_unix_s", ts > as_of, ts, f"is after as_of ({as_of})")
-    if n > 1:
+    if len(ts) > 1:
         bad = np.flatnonzero(ts[1:] > ts[:-1])
         if len(bad):
             i = int(bad[0]) + 1
@@ -242,26 +287,50 @@ def _events(req: pb.DecisionRequest, enc: EncoderConfig, limits: Limits
     _first_bad("history.days_past_due", (dpd < 0) | (dpd > MAX_DAYS_PAST_DUE), dpd, f"must be in 0..{MAX_DAYS_PAST_DUE}")
     _first_bad("history.installment_index", (inst < 0) | (inst > MAX_INSTALLMENT_INDEX), inst,
                f"must be in 0..{MAX_INSTALLMENT_INDEX}")
-    warnings = []
-    keep = enc.max_history
-    if n > keep:
-        warnings.append(pb.Warning(code=pb.HISTORY_TRUNCATED, detail=f"kept the newest {keep} of {n} events"))
-        # gaps need the event just older than the last kept one, so slice one further
-        ts_gap = ts[:keep + 1]
-        ts, types, amt, mcc, dpd, inst = ts[:keep], types[:keep], amt[:keep], mcc[:keep], dpd[:keep], inst[:keep]
-        n = keep
-    else:
-        ts_gap = ts
-    num = np.empty((n, enc.n_numeric), dtype=np.float32)
-    num[:, 0] = _DIRECTION[types] * np.log1p(amt / 100.0)
-    gaps = np.zeros(n, dtype=np.float64)
-    m = min(n, len(ts_gap) - 1)
-    gaps[:m] = (ts_gap[:m] - ts_gap[1:m + 1]) / SECONDS_PER_DAY
-    num[:, 1] = np.log1p(gaps)
-    num[:, 2] = np.log1p((as_of - ts) / SECONDS_PER_DAY)
-    num[:, 3] = np.clip(dpd / 90.0, 0.0, 4.0)
-    num[:, 4] = np.clip(inst / 4.0, 0.0, 4.0)
-    return (types, hash_mcc(mcc, enc.mcc_buckets), num), warnings
+
+
+def _pack(cols: list[tuple[np.ndarray, ...]], as_of: np.ndarray, enc: EncoderConfig
+          ) -> tuple[PackedEvents, list[list[pb.Warning]]]:
+    """Truncate to the newest enc.max_history events and compute every event feature, for the
+    whole batch at once. An empty history becomes one 'no history' token (all zeros)."""
+    B, H = len(cols), enc.max_history
+    lens = np.array([len(c[0]) for c in cols], dtype=np.int64)
+    kept = np.minimum(lens, H)
+    out_lens = np.maximum(kept, 1)
+    cu = np.zeros(B + 1, dtype=np.int32)
+    cu[1:] = np.cumsum(out_lens)
+    T = int(cu[-1])
+    type_ids = np.zeros(T, np.int64)
+    mcc_ids = np.zeros(T, np.int64)
+    num = np.zeros((T, enc.n_numeric), np.float32)
+    warnings: list[list[pb.Warning]] = [[] for _ in range(B)]
+    for b in np.flatnonzero(lens == 0):
+        warnings[b].append(pb.Warning(code=pb.EMPTY_HISTORY, detail="no events"))
+    for b in np.flatnonzero(lens > H):
+        warnings[b].append(pb.Warning(code=pb.HISTORY_TRUNCATED, detail=f"kept the newest {H} of {lens[b]} events"))
+    if lens.sum():
+        ts, types, amt, mcc, dpd, inst = (np.concatenate([c[k] for c in cols]) for k in range(6))
+        seg = np.repeat(np.arange(B), lens)
+        starts = np.zeros(B, np.int64)
+        starts[1:] = np.cumsum(lens)[:-1]
+        pos = np.arange(len(ts)) - starts[seg]
+        # gap to the next older event of the same request (0 for the oldest); computed before
+        # truncation so the last kept event measures its gap to the first dropped one
+        gaps = np.zeros(len(ts), np.float64)
+        same_next = np.zeros(len(ts), dtype=bool)
+        same_next[:-1] = seg[1:] == seg[:-1]
+        gaps[:-1] = np.where(same_next[:-1], (ts[:-1] - ts[1:]) / SECONDS_PER_DAY, 0.0)
+        k = pos < H
+        dst = cu[:-1][seg[k]] + pos[k]
+        t_k = types[k]
+        type_ids[dst] = t_k
+        mcc_ids[dst] = hash_mcc(mcc[k], enc.mcc_buckets)
+        num[dst, 0] = _DIRECTION[t_k] * np.log1p(amt[k] / 100.0)
+        num[dst, 1] = np.log1p(gaps[k])
+        num[dst, 2] = np.log1p((as_of[seg[k]] - ts[k]) / SECONDS_PER_DAY)
+        num[dst, 3] = np.clip(dpd[k] / 90.0, 0.0, 4.0)
+        num[dst, 4] = np.clip(inst[k] / 4.0, 0.0, 4.0)
+    return PackedEvents(type_ids, mcc_ids, num, cu, int(out_lens.max()) if B else 0), warnings
 
 
 def _first_bad(name: str, bad: np.ndarray, values: np.ndarray, message: str) -> None:

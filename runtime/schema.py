@@ -6,6 +6,7 @@ single source of truth. Thread safety: immutable values, safe to share across th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,23 +70,23 @@ class FeatureSchema:
         if purchase and purchase != PURCHASE_FEATURES:
             raise ValueError(f"purchase features must be exactly {PURCHASE_FEATURES}, got {purchase}")
 
-    @property
+    @functools.cached_property
     def names(self) -> list[str]:
         return [f.name for f in self.features]
 
-    @property
+    @functools.cached_property
     def applicant(self) -> tuple[FeatureSpec, ...]:
         return tuple(f for f in self.features if f.source == "applicant")
 
-    @property
+    @functools.cached_property
     def n_purchase(self) -> int:
         return sum(f.source == "purchase" for f in self.features)
 
-    @property
+    @functools.cached_property
     def embedding_dim(self) -> int:
         return sum(f.source == "embedding" for f in self.features)
 
-    @property
+    @functools.cached_property
     def reason_codes(self) -> list[str]:
         return [f.reason_code for f in self.features]
 

@@ -174,3 +174,35 @@ def test_hash_mcc_range():
     m = np.arange(0, 10000)
     h = hash_mcc(m, 128)
     assert h[0] == 0 and h[1:].min() >= 1 and h.max() < 128 and len(np.unique(h[1:])) == 127
+
+
+def test_batch_featurization_equals_one_by_one(rng):
+    """The vectorised batch path == featurizing each request alone, with bad, empty and long requests mixed in."""
+    reqs = []
+    for i in range(40):
+        n = int(rng.choice([0, 1, 2, 15, 16, 17, 40]))
+        r = make_request(n, rng, request_id=f"m{i}", features={"dti": float(rng.random())})
+        kind = rng.integers(0, 8)
+        if n and kind == 0:
+            r.history.type[int(rng.integers(n))] = 99
+        elif n and kind == 1:
+            r.history.mcc[int(rng.integers(n))] = -2
+        elif n > 1 and kind == 2:
+            r.history.timestamp_unix_s[n - 1] = r.history.timestamp_unix_s[0] + 1
+        reqs.append(r)
+    fb, errors = featurize(reqs, SCHEMA, ENC)
+    parts, n_ok = [], 0
+    for i, r in enumerate(reqs):
+        one_fb, one_err = featurize([r], SCHEMA, ENC)
+        if one_err:
+            assert str(errors[i]) == str(one_err[0])
+            continue
+        assert fb.index[n_ok] == i
+        np.testing.assert_array_equal(fb.tabular[n_ok], one_fb.tabular[0])
+        assert [(w.code, w.detail) for w in fb.warnings[n_ok]] == [(w.code, w.detail) for w in one_fb.warnings[0]]
+        parts.append(one_fb.events)
+        n_ok += 1
+    assert n_ok == fb.batch_size and len(errors) == len(reqs) - n_ok
+    joined = type(fb.events).concat(parts)
+    for f in ("type_ids", "mcc_ids", "numeric", "cu_seqlens"):
+        np.testing.assert_array_equal(getattr(fb.events, f), getattr(joined, f))
