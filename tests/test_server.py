@@ -259,3 +259,39 @@ def test_client_cancellation_removes_queued_request(pipe, traffic):
     res, stats = run(main())
     assert all(isinstance(r, pb.DecisionResponse) for r in res[:30])
     assert stats["cancelled"] >= 1 and stats["requests"] + stats["cancelled"] == 40
+
+
+def test_uwrt_serve_process_decide_and_sigterm(small_bundle, tmp_path, capsys):
+    """The real command: `uwrt serve` in its own process, `uwrt decide` against it, SIGTERM -> exit 0."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from runtime.cli import main
+
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--bundle", str(small_bundle), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        port = None
+        lines = []
+        for line in proc.stdout:                       # bounded: the process prints this once SERVING
+            lines.append(line)
+            m = re.search(r"uwrt serving on [\d.]+:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port, "".join(lines)
+        assert main(["decide", "--target", f"127.0.0.1:{port}", "--n", "12", "--seed", "3"]) == 0
+        out = capsys.readouterr()
+        assert "12 of 12 decided" in out.err and "outcome" in out.out
+        assert main(["decide", "--target", f"127.0.0.1:{port}", "--n", "5", "--stream", "--json"]) == 0
+        assert len(capsys.readouterr().out.strip().splitlines()) == 5
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
