@@ -72,7 +72,7 @@ class BatchingConfig:
     #: whatever is queued as soon as the worker frees, Triton's default).
     max_wait_us: int = 1000
     #: Queued (not yet dispatched) requests beyond this are refused with RESOURCE_EXHAUSTED.
-    max_queue: int = 1024
+    max_queue: int = 256
     #: Token-count bucket edges (strictly increasing). A batch only holds requests of its head's
     #: bucket, so similar lengths run together: bucket i = tokens in (edge[i-1], edge[i]], and
     #: one last bucket for tokens above the last edge.

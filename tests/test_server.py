@@ -12,7 +12,8 @@ from runtime.config import RuntimeConfig
 from runtime.pb import pb, pb_grpc
 from runtime.server import SERVICE_NAME, Server
 
-CFG = RuntimeConfig(port=0, grace_s=5.0, batching=BatchingConfig(max_batch_size=16, max_wait_us=2000))
+# max_queue above the 500-request burst below (the production default, 256, sheds part of such a burst)
+CFG = RuntimeConfig(port=0, grace_s=5.0, batching=BatchingConfig(max_batch_size=16, max_wait_us=2000, max_queue=1024))
 
 
 def run(coro):
@@ -33,6 +34,15 @@ class Harness:
         await self.channel.close()
         if not self.server._stopped.is_set():
             await self.server.stop(1.0)
+
+
+async def until(cond, timeout_s: float = 30.0):
+    """Poll `cond` on the event loop until it holds (bounded: fails the test after timeout_s)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not cond():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.002)
 
 
 def copy(req):
@@ -221,8 +231,7 @@ def test_shutdown_drains_accepted_requests(pipe, traffic):
         async with Harness(pipe, cfg) as h:
             calls = [asyncio.ensure_future(h.stub.Decide(r, timeout=60)) for r in reqs]
             b = h.server.rt.batcher
-            while b.stats()["requests"] + b.stats()["queued"] < len(reqs):   # all accepted by the server
-                await asyncio.sleep(0.005)
+            await until(lambda: b.stats()["requests"] + b.stats()["queued"] >= len(reqs))  # all accepted
             assert b.stats()["queued"] > 0                                  # shutdown starts with a backlog
             await h.server.stop()
             res = await asyncio.gather(*calls, return_exceptions=True)
@@ -245,8 +254,7 @@ def test_client_cancellation_removes_queued_request(pipe, traffic):
             calls = [h.stub.Decide(copy(traffic[i]), timeout=60) for i in range(40)]
             futs = [asyncio.ensure_future(c) for c in calls]
             b = h.server.rt.batcher
-            while b.stats()["requests"] + b.stats()["queued"] < 40:
-                await asyncio.sleep(0.002)
+            await until(lambda: b.stats()["requests"] + b.stats()["queued"] >= 40)
             for c in calls[-10:]:
                 c.cancel()
             res = await asyncio.gather(*futs, return_exceptions=True)
@@ -295,3 +303,30 @@ def test_uwrt_serve_process_decide_and_sigterm(small_bundle, tmp_path, capsys):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_full_queue_is_resource_exhausted(pipe, traffic):
+    import threading
+    gate = threading.Event()
+
+    async def main():
+        cfg = dataclasses.replace(CFG, batching=BatchingConfig(max_batch_size=1, max_wait_us=0, max_queue=2))
+        async with Harness(pipe, cfg) as h:
+            real = h.server.rt.pipeline.decide
+
+            def held(reqs, times=None):          # the worker blocks until the test lets it go
+                gate.wait(30)
+                return real(reqs, times)
+            h.server.rt.pipeline.decide = held
+            calls = [asyncio.ensure_future(h.stub.Decide(copy(traffic[i]), timeout=60)) for i in range(8)]
+            b = h.server.rt.batcher
+            await until(lambda: b.stats()["rejected"] >= 5)
+            gate.set()
+            res = await asyncio.gather(*calls, return_exceptions=True)
+            h.server.rt.pipeline.decide = real
+            return res
+
+    res = run(main())
+    ok = [r for r in res if isinstance(r, pb.DecisionResponse)]
+    shed = [r for r in res if isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(ok) == 3 and len(shed) == 5            # one running + two queued answered; the rest shed
