@@ -114,6 +114,7 @@ class Batcher:
         self._queue: dict[int, _Entry] = {}          # seq -> entry, in arrival order
         self._seq = itertools.count()
         self._inflight: asyncio.Task | None = None   # the running batch
+        self._inflight_until_us = 0                  # its predicted end
         self._wake: asyncio.Event | None = None      # set on every event the loop must see
         self._timer: asyncio.Task | None = None
         self._timer_at: int | None = None
@@ -146,8 +147,20 @@ class Batcher:
             self._stats.rejected += 1
             raise QueueFull(f"batching queue is full ({self.cfg.max_queue} requests)")
         tokens = max(1, int(self.tokens_of(item)))
+        now = self.clock.now_us()
+        # Admission by predicted wait (not only by count): refuse work that would queue longer
+        # than max_queue_delay_us, and fail at once a request whose deadline the work already
+        # ahead of it makes unreachable, instead of queueing it to expire later.
+        wait = self.predicted_wait_us(now)
+        if deadline_us is not None and now + wait + self.cost.predict(1, tokens) > deadline_us:
+            self._stats.expired += 1
+            raise DeadlineExpired(f"deadline cannot be met: predicted queue wait {wait / 1000:.1f} ms")
+        if wait > self.cfg.max_queue_delay_us:
+            self._stats.rejected += 1
+            raise QueueFull(f"predicted queue wait {wait / 1000:.1f} ms exceeds max_queue_delay_us "
+                            f"({self.cfg.max_queue_delay_us / 1000:.1f} ms)")
         seq = next(self._seq)
-        entry = _Entry(Pending(seq, priority, self.clock.now_us(), deadline_us, tokens), item,
+        entry = _Entry(Pending(seq, priority, now, deadline_us, tokens), item,
                        asyncio.get_running_loop().create_future())
         self._queue[seq] = entry
         self._poke()
@@ -159,6 +172,18 @@ class Batcher:
                 self._poke()
             raise
         return result, entry.queue_us
+
+    def predicted_wait_us(self, now_us: int) -> int:
+        """Predicted time until a request arriving now could start: the rest of the running batch
+        plus every queued request, run in full batches (cost model). Conservative for high
+        priorities, which may overtake part of the queue."""
+        wait = max(0, self._inflight_until_us - now_us) if self._inflight is not None else 0
+        n = len(self._queue)
+        if n:
+            tokens = sum(e.pending.tokens for e in self._queue.values())
+            full = -(-n // self.cfg.max_batch_size)
+            wait += self.cost.predict(n, tokens) + (full - 1) * self.cost.predict(0, 0)
+        return wait
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop accepting (new submits raise BatcherClosed), run every queued request without
@@ -250,6 +275,7 @@ class Batcher:
         self._stats.requests += n
         loop = asyncio.get_running_loop()
         t0 = self.clock.now_us()
+        self._inflight_until_us = t0 + self.cost.predict(n, tokens)
         try:
             results = await loop.run_in_executor(self.executor, self.run_batch, items)
             if len(results) != n:

@@ -73,6 +73,11 @@ class BatchingConfig:
     max_wait_us: int = 1000
     #: Queued (not yet dispatched) requests beyond this are refused with RESOURCE_EXHAUSTED.
     max_queue: int = 256
+    #: A request that would wait longer than this (predicted by the cost model from the work
+    #: already queued and running) is refused with RESOURCE_EXHAUSTED: load is shed before
+    #: latency collapses. A request whose deadline that wait already makes unreachable gets
+    #: DEADLINE_EXCEEDED at once.
+    max_queue_delay_us: int = 50_000
     #: Token-count bucket edges (strictly increasing). A batch only holds requests of its head's
     #: bucket, so similar lengths run together: bucket i = tokens in (edge[i-1], edge[i]], and
     #: one last bucket for tokens above the last edge.

@@ -16,6 +16,7 @@ Example TOML file::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import re
@@ -131,7 +132,11 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(cls) -> dict[str, Any]:
+    # Cached: get_type_hints compiles the string annotations, and CPython 3.11.7's AST
+    # constructor is not thread safe (gh-106905: a spurious "AST constructor recursion depth
+    # mismatch" SystemError when two threads compile at once).
     return typing.get_type_hints(cls)
 
 

@@ -350,3 +350,41 @@ def test_real_thread_and_monotonic_clock_smoke():
             assert all(len(batch) <= 8 for batch in rec.batches)
             assert await b.drain(5.0)
     asyncio.run(main())
+
+
+def test_admission_by_predicted_wait():
+    """Work already queued and running decides admission: a deadline it makes unreachable fails at
+    once (DEADLINE_EXCEEDED, never queued); a wait over max_queue_delay_us is shed (RESOURCE_EXHAUSTED)."""
+    async def main():
+        cfg = BatchingConfig(max_batch_size=2, max_wait_us=10_000, max_queue=100, length_buckets=(),
+                             deadline_margin_us=0, max_queue_delay_us=1000)
+        b, clock, ex, rec = await setup(cfg, cost=CostModel(100, 10, 0))   # batch of n: 100 + 10 n us
+        first = [spawn(b, i) for i in range(2)]
+        await turn()
+        assert len(ex.jobs) == 1                          # running, predicted to end at t = 120
+        queued = [spawn(b, i) for i in range(2, 6)]        # 4 queued: 2 full batches = 2 * 100 + 4 * 10
+        await turn()
+        assert b.predicted_wait_us(clock.now_us()) == 120 + 240
+        # needs 360 wait + 110 alone = 470 us: a 400 us deadline is unreachable on arrival
+        with pytest.raises(DeadlineExpired, match="predicted queue wait"):
+            await b.submit(99, deadline_us=400)
+        assert b.stats()["queued"] == 4 and b.stats()["expired"] == 1
+        ok = spawn(b, 98, deadline_us=10_000)
+        await turn()
+        assert b.stats()["queued"] == 5
+        for i in range(7, 20):                             # grow the backlog past 1000 us of predicted wait
+            spawn(b, i)
+            await turn()
+            if b.stats()["rejected"]:
+                break
+        assert b.stats()["rejected"] == 1 and b.predicted_wait_us(clock.now_us()) > 1000 - 200
+        with pytest.raises(QueueFull, match="max_queue_delay_us"):
+            await b.submit(50)
+        drain = asyncio.create_task(b.drain(5.0))
+        for _ in range(20):
+            await turn()
+            if ex.jobs:
+                ex.run_next()
+        assert await drain is True
+        assert all(t.done() for t in first + queued) and ok.done()
+    asyncio.run(main())

@@ -13,7 +13,8 @@ from runtime.pb import pb, pb_grpc
 from runtime.server import SERVICE_NAME, Server
 
 # max_queue above the 500-request burst below (the production default, 256, sheds part of such a burst)
-CFG = RuntimeConfig(port=0, grace_s=5.0, batching=BatchingConfig(max_batch_size=16, max_wait_us=2000, max_queue=1024))
+CFG = RuntimeConfig(port=0, grace_s=5.0, batching=BatchingConfig(max_batch_size=16, max_wait_us=2000, max_queue=1024,
+                                                                        max_queue_delay_us=60_000_000))
 
 
 def run(coro):
@@ -227,7 +228,8 @@ def test_shutdown_drains_accepted_requests(pipe, traffic):
     reqs = [copy(traffic[i % 300]) for i in range(120)]
 
     async def main():
-        cfg = dataclasses.replace(CFG, grace_s=30.0, batching=BatchingConfig(max_batch_size=4, max_wait_us=0))
+        cfg = dataclasses.replace(CFG, grace_s=30.0, batching=BatchingConfig(max_batch_size=4, max_wait_us=0,
+                                                                            max_queue_delay_us=60_000_000))
         async with Harness(pipe, cfg) as h:
             calls = [asyncio.ensure_future(h.stub.Decide(r, timeout=60)) for r in reqs]
             b = h.server.rt.batcher
@@ -249,7 +251,7 @@ def test_shutdown_drains_accepted_requests(pipe, traffic):
 
 def test_client_cancellation_removes_queued_request(pipe, traffic):
     async def main():
-        cfg = dataclasses.replace(CFG, batching=BatchingConfig(max_batch_size=1, max_wait_us=0))
+        cfg = dataclasses.replace(CFG, batching=BatchingConfig(max_batch_size=1, max_wait_us=0, max_queue_delay_us=60_000_000))
         async with Harness(pipe, cfg) as h:
             calls = [h.stub.Decide(copy(traffic[i]), timeout=60) for i in range(40)]
             futs = [asyncio.ensure_future(c) for c in calls]
