@@ -41,6 +41,10 @@ class RuntimeConfig:
     max_request_events: int = 512
     #: Largest serialized request accepted (bytes); larger is INVALID_ARGUMENT.
     max_request_bytes: int = 1 << 20
+    #: CPU encoder implementation: "torchscript" (one compiled graph; releases the GIL for the
+    #: whole forward, so the server's event loop does not slow it down) or "torch" (eager).
+    #: Both give bit-identical embeddings.
+    encoder_backend: str = "torchscript"
     #: torch intra-op threads for the CPU encoder (0 = leave torch's default).
     torch_threads: int = 1
     #: xgboost threads per tree-stage call (1: latency; the encoder owns the other core).

@@ -17,6 +17,7 @@ import numpy as np
 
 from runtime.bundle import Bundle, load_bundle
 from runtime.encoder import EncoderBackend, TorchEncoderBackend
+from runtime.encoder_script import TorchScriptEncoderBackend
 from runtime.errors import InvalidRequest
 from runtime.featurize import FeatureBatch, Limits, featurize
 from runtime.pb import pb
@@ -35,6 +36,11 @@ class StageTimes:
     policy_us: int = 0
 
 
+#: CPU encoder backends by name (RuntimeConfig.encoder_backend). Both compute the same numbers
+#: (tested bit for bit); torchscript releases the GIL for the whole forward.
+ENCODER_BACKENDS = {"torchscript": TorchScriptEncoderBackend, "torch": TorchEncoderBackend}
+
+
 def _us(t0: int) -> int:
     return (time.perf_counter_ns() - t0) // 1000
 
@@ -47,14 +53,18 @@ class Pipeline:
     """A loaded bundle with its encoder backend, tree stage and explainer."""
 
     def __init__(self, bundle: Bundle, *, encoder: EncoderBackend | None = None, trees: TreeStage | None = None,
-                 limits: Limits = Limits(), tree_threads: int = 1) -> None:
+                 limits: Limits = Limits(), tree_threads: int = 1, encoder_backend: str = "torchscript") -> None:
         self.bundle = bundle
         self.schema = bundle.schema
         self.encoder_config = bundle.encoder_config
         self.policy = bundle.policy
         self.limits = limits
         booster = load_booster(bundle.tree_model_bytes(), nthread=tree_threads)  # bytes verified against the manifest
-        self.encoder = encoder or TorchEncoderBackend(bundle.encoder_config, bundle.encoder_state())
+        if encoder is None:
+            if encoder_backend not in ENCODER_BACKENDS:
+                raise ValueError(f"unknown encoder backend {encoder_backend!r}; choose one of {sorted(ENCODER_BACKENDS)}")
+            encoder = ENCODER_BACKENDS[encoder_backend](bundle.encoder_config, bundle.encoder_state())
+        self.encoder = encoder
         self.trees = trees or XGBoostTreeStage(booster)
         self.explainer = TreeExplainer(booster)
         self.identity = bundle.identity()

@@ -260,4 +260,5 @@ async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu")
 
 def build_pipeline(cfg: RuntimeConfig, bundle_dir: str) -> Pipeline:
     cfg.apply_threads()
-    return Pipeline.from_dir(bundle_dir, limits=Limits(cfg.max_request_events), tree_threads=cfg.tree_threads)
+    return Pipeline.from_dir(bundle_dir, limits=Limits(cfg.max_request_events), tree_threads=cfg.tree_threads,
+                             encoder_backend=cfg.encoder_backend)

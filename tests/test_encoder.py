@@ -8,10 +8,12 @@ from hypothesis import given, settings, strategies as st
 
 from kernels.reference import bucket_length, varlen_attention
 from runtime.encoder import SequenceEncoder, TorchEncoderBackend, check_state_dict
+from runtime.encoder_script import TorchScriptEncoderBackend
 from runtime.featurize import PackedEvents
 from runtime.schema import EncoderConfig
 
 CFG = EncoderConfig()
+BACKENDS = [TorchEncoderBackend, TorchScriptEncoderBackend]
 
 
 def random_state(cfg: EncoderConfig, seed: int) -> dict:
@@ -80,10 +82,11 @@ def reference_f64(state: dict, cfg: EncoderConfig, ev: PackedEvents) -> np.ndarr
 EDGE_LENGTHS = [1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128]
 
 
-def test_packed_matches_float64_padded_reference_on_edge_lengths(rng):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_matches_float64_padded_reference_on_edge_lengths(rng, backend):
     state = random_state(CFG, int(rng.integers(1 << 30)))
     ev = random_packed(rng.permutation(EDGE_LENGTHS), rng)
-    got = TorchEncoderBackend(CFG, state).encode(ev)
+    got = backend(CFG, state).encode(ev)
     want = reference_f64(state, CFG, ev)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
@@ -97,23 +100,39 @@ def test_packed_matches_reference_hypothesis(lengths, seed):
     np.testing.assert_allclose(TorchEncoderBackend(CFG, state).encode(ev), reference_f64(state, CFG, ev), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("heads", [2, 4, 8])
-def test_other_head_counts(rng, heads):
+def test_other_head_counts(rng, heads, backend):
     cfg = EncoderConfig(n_heads=heads)
     state = random_state(cfg, int(rng.integers(1 << 30)))
     ev = random_packed(rng.integers(1, 70, 6), rng, cfg)
-    np.testing.assert_allclose(TorchEncoderBackend(cfg, state).encode(ev), reference_f64(state, cfg, ev), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(backend(cfg, state).encode(ev), reference_f64(state, cfg, ev), atol=1e-5, rtol=0)
 
 
-def test_batch_invariance(rng):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_invariance(rng, backend):
     """A request's embedding is identical alone and inside random batches of random neighbours."""
-    be = TorchEncoderBackend(CFG, random_state(CFG, int(rng.integers(1 << 30))))
+    be = backend(CFG, random_state(CFG, int(rng.integers(1 << 30))))
     pool = random_packed(rng.integers(1, 129, 40), rng)
     alone = np.concatenate([be.encode(pool.select([i])) for i in range(pool.batch_size)])
     for _ in range(5):
         rows = rng.permutation(pool.batch_size)[: int(rng.integers(2, pool.batch_size))]
         got = be.encode(pool.select(rows))
         np.testing.assert_allclose(got, alone[rows], atol=1e-6, rtol=0)
+
+
+_SCRIPTED = {}
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=20), seed=st.integers(0, 2**31 - 1))
+def test_torchscript_backend_is_bit_identical_to_eager(lengths, seed):
+    if not _SCRIPTED:
+        state = random_state(CFG, 12345)
+        _SCRIPTED["pair"] = (TorchEncoderBackend(CFG, state), TorchScriptEncoderBackend(CFG, state))
+    eager, scripted = _SCRIPTED["pair"]
+    ev = random_packed(lengths, np.random.default_rng(seed))
+    np.testing.assert_array_equal(scripted.encode(ev), eager.encode(ev))
 
 
 def test_varlen_attention_matches_per_sequence_softmax(rng):
@@ -156,8 +175,9 @@ def test_check_state_dict_rejects_bad_weights(rng):
         check_state_dict(CFG, nan)
 
 
-def test_no_history_token_is_finite(rng):
-    be = TorchEncoderBackend(CFG, random_state(CFG, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_history_token_is_finite(rng, backend):
+    be = backend(CFG, random_state(CFG, 3))
     ev = PackedEvents(np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((1, CFG.n_numeric), np.float32),
                       np.array([0, 1], np.int32), 1)
     assert np.isfinite(be.encode(ev)).all()
