@@ -22,6 +22,24 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 1 << (int(n) - 1).bit_length())
 
 
+def bucket_plan(cu_seqlens: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per length bucket: (gather [Bk, L] token ids, valid [Bk, L] bool) for padded batched attention.
+
+    Pad slots gather a real token of their own segment (its last one) and are masked as keys;
+    every segment must have >= 1 token."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    starts, lens = cu[:-1], np.diff(cu)
+    if (lens < 1).any():
+        raise ValueError("every segment needs at least one token")
+    buckets = np.array([bucket_length(n) for n in lens], dtype=np.int64)
+    plan = []
+    for L in np.unique(buckets):
+        sel = np.flatnonzero(buckets == L)
+        ar = np.arange(L)[None, :]
+        plan.append((starts[sel, None] + np.minimum(ar, lens[sel, None] - 1), ar < lens[sel, None]))
+    return plan
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: np.ndarray) -> torch.Tensor:
     """Softmax attention within each segment of a packed batch (bidirectional, no mask across segments).
 
@@ -33,18 +51,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     padding mask; padded query rows are computed and discarded (they always see >= 1 valid key,
     so no NaN ever appears).
     """
-    T, H, Dh = q.shape
-    cu = np.asarray(cu_seqlens, dtype=np.int64)
-    starts, lens = cu[:-1], np.diff(cu)
-    if (lens < 1).any():
-        raise ValueError("every segment needs at least one token")
     out = torch.empty_like(q)
-    buckets = np.array([bucket_length(n) for n in lens], dtype=np.int64)
-    for L in np.unique(buckets):
-        sel = np.flatnonzero(buckets == L)
-        ar = np.arange(L)[None, :]
-        valid = ar < lens[sel, None]                                    # [Bk, L]
-        idx = starts[sel, None] + np.minimum(ar, lens[sel, None] - 1)   # clamp pads onto a real token
+    for idx, valid in bucket_plan(cu_seqlens):
         idx_t = torch.from_numpy(idx).to(q.device)
         mask = torch.from_numpy(valid).to(q.device)
         qb, kb, vb = (x[idx_t].transpose(1, 2) for x in (q, k, v))      # [Bk, H, L, Dh]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.reference import bucket_length
+from kernels.reference import bucket_plan
 from runtime.encoder import MIN_GEMM_ROWS, check_state_dict
 from runtime.featurize import PackedEvents
 from runtime.schema import EncoderConfig
@@ -39,6 +39,9 @@ def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _Layer(nn.Module):
+    """EncoderLayer's parameters (same names); a forward TorchScript compiles. (Subclassing
+    EncoderLayer / SequenceEncoder does not script: their eager forwards take host arrays.)"""
+
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         d = cfg.d_model
@@ -98,13 +101,8 @@ def attention_plan(cu_seqlens: np.ndarray) -> tuple[list[torch.Tensor], ...]:
     """Host-side plan of the ragged attention and pooling (same buckets as kernels.reference)."""
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     starts, lens = cu[:-1], np.diff(cu)
-    buckets = np.array([bucket_length(n) for n in lens], dtype=np.int64)
     idx, mask, valid, dest = [], [], [], []
-    for L in np.unique(buckets):
-        sel = np.flatnonzero(buckets == L)
-        ar = np.arange(L)[None, :]
-        ok = ar < lens[sel, None]                                     # [Bk, L]
-        gather = starts[sel, None] + np.minimum(ar, lens[sel, None] - 1)
+    for gather, ok in bucket_plan(cu):
         idx.append(torch.from_numpy(gather))
         mask.append(torch.from_numpy(ok)[:, None, None, :])
         valid.append(torch.from_numpy(np.flatnonzero(ok.reshape(-1))))
@@ -134,8 +132,6 @@ class TorchScriptEncoderBackend:
     def encode(self, events: PackedEvents) -> np.ndarray:
         if events.batch_size == 0:
             return np.zeros((0, self.cfg.emb_dim), np.float32)
-        if (np.diff(events.cu_seqlens) < 1).any():
-            raise ValueError("every segment needs at least one token")
         plan = attention_plan(events.cu_seqlens)
         with torch.inference_mode():
             emb = self.model(torch.from_numpy(events.type_ids), torch.from_numpy(events.mcc_ids),
