@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.reference import bucket_plan
-from runtime.encoder import MIN_GEMM_ROWS, check_state_dict
+from runtime.encoder import MIN_GEMM_ROWS, EncoderLayer, SequenceEncoder, check_state_dict
 from runtime.featurize import PackedEvents
 from runtime.schema import EncoderConfig
 
@@ -38,20 +38,8 @@ def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.linear(torch.cat([x, pad]), w, b)[:m]
 
 
-class _Layer(nn.Module):
-    """EncoderLayer's parameters (same names); a forward TorchScript compiles. (Subclassing
-    EncoderLayer / SequenceEncoder does not script: their eager forwards take host arrays.)"""
-
-    def __init__(self, cfg: EncoderConfig) -> None:
-        super().__init__()
-        d = cfg.d_model
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.ln1 = nn.LayerNorm(d, eps=cfg.ln_eps)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d, eps=cfg.ln_eps)
-        self.fc1 = nn.Linear(d, cfg.d_ff)
-        self.fc2 = nn.Linear(cfg.d_ff, d)
+class _Layer(EncoderLayer):
+    """EncoderLayer's parameters; a forward TorchScript compiles (attention planned on the host)."""
 
     def forward(self, x: torch.Tensor, idx: List[torch.Tensor], mask: List[torch.Tensor],
                 valid: List[torch.Tensor], dest: List[torch.Tensor]) -> torch.Tensor:
@@ -72,17 +60,15 @@ class _Layer(nn.Module):
         return x + _lin(F.gelu(_lin(self.ln2(x), self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 
 
-class ScriptableEncoder(nn.Module):
-    """`SequenceEncoder`'s forward (embedding only) in a form TorchScript compiles."""
+class ScriptableEncoder(SequenceEncoder):
+    """`SequenceEncoder`'s parameters (same names, so bundle weights load as is) with a forward
+    that returns the embedding only, in a form TorchScript compiles."""
+    __jit_unused_properties__ = ["mask_type_id"]
+    __jit_ignored_attributes__ = ["cfg"]
 
     def __init__(self, cfg: EncoderConfig) -> None:
-        super().__init__()
-        self.type_emb = nn.Embedding(cfg.n_event_types + 1, cfg.type_emb_dim)
-        self.mcc_emb = nn.Embedding(cfg.mcc_buckets, cfg.mcc_emb_dim)
-        self.in_proj = nn.Linear(cfg.type_emb_dim + cfg.mcc_emb_dim + cfg.n_numeric, cfg.d_model)
+        super().__init__(cfg)
         self.layers = nn.ModuleList([_Layer(cfg) for _ in range(cfg.n_layers)])
-        self.final_ln = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-        self.pool = nn.Linear(2 * cfg.d_model, cfg.emb_dim)
 
     def forward(self, type_ids: torch.Tensor, mcc_ids: torch.Tensor, numeric: torch.Tensor,
                 idx: List[torch.Tensor], mask: List[torch.Tensor], valid: List[torch.Tensor],
