@@ -1,6 +1,18 @@
 import os
 import sys
 
+# Triton kernels run in the interpreter (numpy, on CPU tensors) when no GPU is present. It must be
+# set before any @triton.jit function is defined, i.e. before kernels/ modules are imported.
+# On a GPU machine leave it unset (or export TRITON_INTERPRET=0) to test compiled kernels.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+        _has_cuda = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        _has_cuda = False
+    if not _has_cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import numpy as np
 import pytest
 
