@@ -1,0 +1,528 @@
+"""Our own compiled tree layout and exact TreeSHAP, generated as C from xgboost's JSON model.
+
+`build_native(booster, cache_dirs)` parses `booster.save_raw("json")`, generates one C file
+holding the model as constant arrays plus a fixed runtime, compiles it into a shared library
+that needs only libc/libm (cached on disk by source, compiler and flags), checks it against
+xgboost on a golden set and returns `(NativeTreeStage, NativeExplainer)`.
+
+Semantics are xgboost's (checked by the golden-set gate and tests/test_tree_native.py): a split
+sends a row left when `x < threshold` in float32, NaN follows the node's default direction,
++-inf are ordinary values (+inf right, -inf left). Margins accumulate in float32 in tree order
+starting from the base margin, as xgboost's CPU predictor does, so they match it bit for bit.
+
+Layout: a tree of depth D <= `max_padded_depth` is padded to a complete binary tree (a shallow
+leaf is copied into every slot below it), so a walk is exactly D steps of
+`pos = 2*pos + 1 + go_right` with no leaf test; the C loop is tree-major over a block of rows
+and steps all rows of the block level by level (independent loads overlap). Deeper trees are
+walked node by node. Exact TreeSHAP is Lundberg et al. 2018, Algorithm 2 (path EXTEND/UNWIND,
+cover = xgboost's `sum_hessian`), accumulated in double; bias column = base margin + the
+cover-weighted mean of every tree.
+
+Thread safety: the generated library has no mutable global state (scratch lives on the stack),
+and ctypes releases the GIL for each call, so both classes are safe to call from several threads.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from runtime.native_cache import CachedLibrary, build_shared_library
+
+log = logging.getLogger("uwrt.trees")
+
+#: Objectives whose base_score (xgboost 3.x stores it in output space) we can map to a margin.
+_LINKS = {"binary:logistic": "logit", "reg:logistic": "logit", "binary:logitraw": "identity",
+          "reg:squarederror": "identity"}
+CFLAGS = ("-O2", "-fPIC", "-std=c99", "-fno-strict-aliasing")  # no -ffast-math: NaN tests matter
+MARGIN_TOL = 1e-6    # max |probability| (and margin) difference to xgboost in the golden gate
+SHAP_TOL = 1e-5      # max elementwise contribution difference to xgboost pred_contribs
+
+
+class UnsupportedTreeModel(ValueError):
+    """The xgboost model uses something the native path does not implement."""
+
+
+class NativeParityError(RuntimeError):
+    """The compiled library disagrees with xgboost on the golden set."""
+
+
+@dataclass
+class Tree:
+    """One tree in xgboost's node numbering; leaves have left == -1 and `value` set."""
+    left: np.ndarray       # int32 [N]
+    right: np.ndarray      # int32 [N]
+    feature: np.ndarray    # int32 [N]
+    threshold: np.ndarray  # float32 [N]  (leaf value at leaves)
+    default_left: np.ndarray  # bool [N]
+    cover: np.ndarray      # float32 [N]  sum_hessian
+
+    def depth(self) -> int:
+        d, stack = 0, [(0, 0)]
+        while stack:
+            n, k = stack.pop()
+            if self.left[n] < 0:
+                d = max(d, k)
+            else:
+                stack += [(int(self.left[n]), k + 1), (int(self.right[n]), k + 1)]
+        return d
+
+    def mean_value(self) -> float:
+        """Cover-weighted mean leaf value (TreeSHAP's expected value of this tree), in double."""
+        def rec(n: int) -> float:
+            if self.left[n] < 0:
+                return float(self.threshold[n])
+            l, r = int(self.left[n]), int(self.right[n])
+            return (rec(l) * float(self.cover[l]) + rec(r) * float(self.cover[r])) / float(self.cover[n])
+        return rec(0)
+
+
+@dataclass
+class NativeModel:
+    num_features: int
+    base_score: np.float32  # as stored (output space)
+    link: str               # "logit" or "identity": base margin = link(base_score)
+    trees: list[Tree]
+    objective: str
+
+
+def _parse_float(s) -> float:
+    if isinstance(s, str):
+        s = s.strip().strip("[]")
+        if "," in s:
+            raise UnsupportedTreeModel(f"vector base_score {s!r} (multi-target) is not supported")
+    return float(s)
+
+
+def parse_model(booster) -> NativeModel:
+    """The model from xgboost's own JSON; raises UnsupportedTreeModel for anything we don't implement."""
+    j = json.loads(bytes(booster.save_raw("json")))
+    learner = j["learner"]
+    obj = learner["objective"]["name"]
+    if obj not in _LINKS:
+        raise UnsupportedTreeModel(f"objective {obj!r} is not supported (supported: {sorted(_LINKS)})")
+    lmp = learner["learner_model_param"]
+    if int(lmp.get("num_class", "0")) > 1 or int(lmp.get("num_target", "1")) != 1:
+        raise UnsupportedTreeModel("multi-class / multi-target models are not supported")
+    gb = learner["gradient_booster"]
+    if gb["name"] != "gbtree":
+        raise UnsupportedTreeModel(f"booster {gb['name']!r} is not supported (only gbtree; dart has tree weights)")
+    model = gb["model"]
+    if any(int(t) != 0 for t in model.get("tree_info", [])):
+        raise UnsupportedTreeModel("trees for more than one output group are not supported")
+    trees = []
+    for t in model["trees"]:
+        if any(int(s) != 0 for s in t.get("split_type", [])) or t.get("categories_nodes"):
+            raise UnsupportedTreeModel(f"tree {t['id']}: categorical splits are not supported")
+        if int(t["tree_param"].get("size_leaf_vector", "1")) > 1:
+            raise UnsupportedTreeModel(f"tree {t['id']}: vector leaves are not supported")
+        tr = Tree(left=np.asarray(t["left_children"], np.int32), right=np.asarray(t["right_children"], np.int32),
+                  feature=np.asarray(t["split_indices"], np.int32),
+                  threshold=np.asarray(t["split_conditions"], np.float64).astype(np.float32),
+                  default_left=np.asarray(t["default_left"], np.int64) != 0,
+                  cover=np.asarray(t["sum_hessian"], np.float64).astype(np.float32))
+        internal = tr.left >= 0
+        if np.isnan(tr.threshold).any():
+            raise UnsupportedTreeModel(f"tree {t['id']}: NaN threshold or leaf value")
+        if (tr.cover[internal] <= 0).any():
+            raise UnsupportedTreeModel(f"tree {t['id']}: non-positive cover at a split (TreeSHAP undefined)")
+        trees.append(tr)
+    return NativeModel(num_features=int(lmp["num_feature"]), base_score=np.float32(_parse_float(lmp["base_score"])),
+                       link=_LINKS[obj], trees=trees, objective=obj)
+
+
+# ----------------------------------------------------------------------------------------------
+# C generation
+
+def _f32(x) -> str:
+    x = float(np.float32(x))
+    if math.isinf(x):
+        return "INFINITY" if x > 0 else "(-INFINITY)"
+    return x.hex() + "f"
+
+
+def _f64(x) -> str:
+    return float(x).hex()
+
+
+def _arr(ctype: str, name: str, items: list[str]) -> str:
+    items = items or ["0"]  # C forbids empty arrays
+    body = ",".join(items)
+    return f"static const {ctype} {name}[{len(items)}] = {{{body}}};\n"
+
+
+def _pad(tree: Tree, depth: int) -> tuple[list[tuple[float, int]], list[float]]:
+    """Complete layout of `depth` levels: internal slots (threshold, feature << 1 | default_left), leaves."""
+    nodes: list[tuple[float, int]] = [(0.0, 0)] * ((1 << depth) - 1)
+    leaves: list[float] = [0.0] * (1 << depth)
+    stack = [(0, 0, 0)]  # (xgb node, slot, level)
+    while stack:
+        n, pos, k = stack.pop()
+        if k == depth:
+            leaves[pos - len(nodes)] = float(tree.threshold[n])
+            continue
+        if tree.left[n] < 0:  # shallow leaf: any direction reaches a copy of it
+            stack += [(n, 2 * pos + 1, k + 1), (n, 2 * pos + 2, k + 1)]
+        else:
+            nodes[pos] = (float(tree.threshold[n]), int(tree.feature[n]) << 1 | int(tree.default_left[n]))
+            stack += [(int(tree.left[n]), 2 * pos + 1, k + 1), (int(tree.right[n]), 2 * pos + 2, k + 1)]
+    return nodes, leaves
+
+
+_RUNTIME_C = r"""
+static inline int go_right(float v, float thr, int32_t fi) {
+  /* xgboost: left iff v < thr; NaN takes the default direction; +-inf compare as values */
+  return (!(v < thr)) & !((v != v) & (fi & 1));
+}
+
+static float base_margin(void) {
+#if LINK_LOGIT
+  return -logf(1.0f / BASE_SCORE - 1.0f);
+#else
+  return BASE_SCORE;
+#endif
+}
+
+static float sparse_leaf(int t, const float* x) {
+  int n = T_ROOT[t];
+  while (S_LEFT[n] >= 0) {
+    int32_t fi = S_FI[n];
+    n = go_right(x[fi >> 1], S_THR[n], fi) ? S_RIGHT[n] : S_LEFT[n];
+  }
+  return S_THR[n];
+}
+
+int num_features(void) { return NF; }
+int num_trees(void) { return NT; }
+
+int predict_margin(const float* rows, int n_rows, int n_features, double* out) {
+  if (n_features != NF || n_rows < 0) return -1;
+  const float base = base_margin();
+  for (int r0 = 0; r0 < n_rows; r0 += BLOCK) {
+    const int nb = n_rows - r0 < BLOCK ? n_rows - r0 : BLOCK;
+    const float* xb = rows + (size_t)r0 * NF;
+    float acc[BLOCK];
+    int32_t pos[BLOCK];
+    for (int r = 0; r < nb; ++r) acc[r] = base;
+    for (int t = 0; t < NT; ++t) {
+      const int d = T_DEPTH[t];
+      if (d < 0) {
+        for (int r = 0; r < nb; ++r) acc[r] += sparse_leaf(t, xb + (size_t)r * NF);
+        continue;
+      }
+      const PNode* nodes = P_NODES + T_PNODE[t];
+      const float* leaves = P_LEAF + T_PLEAF[t];
+      for (int r = 0; r < nb; ++r) pos[r] = 0;
+      for (int k = 0; k < d; ++k) {
+        for (int r = 0; r < nb; ++r) {
+          const PNode nd = nodes[pos[r]];
+          pos[r] = 2 * pos[r] + 1 + go_right(xb[(size_t)r * NF + (nd.fi >> 1)], nd.thr, nd.fi);
+        }
+      }
+      const int first_leaf = (1 << d) - 1;
+      for (int r = 0; r < nb; ++r) acc[r] += leaves[pos[r] - first_leaf];
+    }
+    for (int r = 0; r < nb; ++r) out[r0 + r] = (double)acc[r];
+  }
+  return 0;
+}
+
+/* ---- exact TreeSHAP (Lundberg et al. 2018, Algorithm 2) ----
+   A path holds elements 0..u (element 0 is the root dummy). w[i] is the permutation weight of
+   the subsets with i "one" features, times their fractions. */
+typedef struct { int d; double z, o, w; } PathElem;
+
+static void extend(PathElem* p, int u, double z, double o, int d) {
+  p[u].d = d; p[u].z = z; p[u].o = o; p[u].w = u == 0 ? 1.0 : 0.0;
+  for (int i = u - 1; i >= 0; --i) {
+    p[i + 1].w += o * p[i].w * (double)(i + 1) / (double)(u + 1);
+    p[i].w = z * p[i].w * (double)(u - i) / (double)(u + 1);
+  }
+}
+
+/* Undo the extension of element k (path 0..u), then drop it: the path becomes 0..u-1. */
+static void unwind(PathElem* p, int u, int k) {
+  const double z = p[k].z, o = p[k].o;
+  double next = p[u].w;
+  for (int j = u - 1; j >= 0; --j) {
+    if (o != 0.0) {
+      const double t = p[j].w;
+      p[j].w = next * (double)(u + 1) / ((double)(j + 1) * o);
+      next = t - p[j].w * z * (double)(u - j) / (double)(u + 1);
+    } else {
+      p[j].w = p[j].w * (double)(u + 1) / (z * (double)(u - j));
+    }
+  }
+  for (int j = k; j < u; ++j) { p[j].d = p[j + 1].d; p[j].z = p[j + 1].z; p[j].o = p[j + 1].o; }
+}
+
+/* Sum of the weights the path would have after unwinding element k (the path is not changed). */
+static double unwound_sum(const PathElem* p, int u, int k) {
+  const double z = p[k].z, o = p[k].o;
+  double next = p[u].w, total = 0.0;
+  for (int j = u - 1; j >= 0; --j) {
+    if (o != 0.0) {
+      const double w = next * (double)(u + 1) / ((double)(j + 1) * o);
+      total += w;
+      next = p[j].w - w * z * (double)(u - j) / (double)(u + 1);
+    } else {
+      total += p[j].w * (double)(u + 1) / (z * (double)(u - j));
+    }
+  }
+  return total;
+}
+
+/* `parent` holds elements 0..pu; this node's path is built right after it. */
+static void shap_recurse(int n, const float* x, double* phi, PathElem* parent, int pu,
+                         double pz, double po, int pd) {
+  PathElem* p = parent + pu + 1;
+  for (int i = 0; i <= pu; ++i) p[i] = parent[i];
+  int u = pu + 1;
+  extend(p, u, pz, po, pd);
+  if (S_LEFT[n] < 0) {
+    const double v = (double)S_THR[n];
+    for (int i = 1; i <= u; ++i) phi[p[i].d] += unwound_sum(p, u, i) * (p[i].o - p[i].z) * v;
+    return;
+  }
+  const int32_t fi = S_FI[n];
+  const int f = fi >> 1;
+  const int right = go_right(x[f], S_THR[n], fi);
+  const int hot = right ? S_RIGHT[n] : S_LEFT[n], cold = right ? S_LEFT[n] : S_RIGHT[n];
+  double iz = 1.0, io = 1.0;
+  for (int k = 1; k <= u; ++k) {
+    if (p[k].d == f) { iz = p[k].z; io = p[k].o; unwind(p, u, k); --u; break; }
+  }
+  const double c = S_COVER[n];
+  shap_recurse(hot, x, phi, p, u, iz * S_COVER[hot] / c, io, f);
+  shap_recurse(cold, x, phi, p, u, iz * S_COVER[cold] / c, 0.0, f);
+}
+
+int shap(const float* rows, int n_rows, int n_features, double* out) {
+  if (n_features != NF || n_rows < 0) return -1;
+  PathElem buf[(MAXD + 2) * (MAXD + 3) / 2 + 1];
+  for (int r = 0; r < n_rows; ++r) {
+    const float* x = rows + (size_t)r * NF;
+    double* phi = out + (size_t)r * (NF + 1);
+    for (int i = 0; i < NF; ++i) phi[i] = 0.0;
+    for (int t = 0; t < NT; ++t) shap_recurse(T_ROOT[t], x, phi, buf, -1, 1.0, 1.0, -1);
+    phi[NF] = (double)base_margin() + SHAP_TREE_MEANS;
+  }
+  return 0;
+}
+"""
+
+
+def generate_c(model: NativeModel, *, block_rows: int = 32, max_padded_depth: int = 8) -> str:
+    """The complete C source for `model` (deterministic: same model and options, same text)."""
+    depths = [t.depth() for t in model.trees]
+    p_nodes, p_leaves, t_pnode, t_pleaf, t_depth, t_root = [], [], [], [], [], []
+    s_left, s_right, s_fi, s_thr, s_cover = [], [], [], [], []
+    for t, d in zip(model.trees, depths):
+        off = len(s_left)
+        t_root.append(off)
+        s_left += [str(int(c) + off if c >= 0 else -1) for c in t.left]
+        s_right += [str(int(c) + off if c >= 0 else -1) for c in t.right]
+        s_fi += [str(int(f) << 1 | int(dl)) if c >= 0 else "0" for f, dl, c in zip(t.feature, t.default_left, t.left)]
+        s_thr += [_f32(v) for v in t.threshold]
+        s_cover += [_f64(float(c)) for c in t.cover]
+        t_pnode.append(len(p_nodes))
+        t_pleaf.append(len(p_leaves))
+        if d <= max_padded_depth:
+            nodes, leaves = _pad(t, d)
+            p_nodes += [f"{{{_f32(thr)},{fi}}}" for thr, fi in nodes]
+            p_leaves += [_f32(v) for v in leaves]
+            t_depth.append(d)
+        else:
+            t_depth.append(-1)
+    tree_mean = math.fsum(t.mean_value() for t in model.trees)
+    maxd = max(depths, default=0)
+    head = [
+        f"/* generated by runtime/tree_native.py: {len(model.trees)} trees, {model.num_features} features,"
+        f" objective {model.objective} */",
+        "#include <math.h>", "#include <stddef.h>", "#include <stdint.h>",
+        f"#define NF {model.num_features}", f"#define NT {len(model.trees)}", f"#define BLOCK {int(block_rows)}",
+        f"#define MAXD {maxd}", f"#define BASE_SCORE {_f32(model.base_score)}",
+        f"#define LINK_LOGIT {1 if model.link == 'logit' else 0}",
+        f"#define SHAP_TREE_MEANS {_f64(tree_mean)}",
+    ]
+    if model.link == "logit" and not (0.0 < float(model.base_score) < 1.0):
+        raise UnsupportedTreeModel(f"base_score {model.base_score} is not a probability")
+    data = [
+        "typedef struct { float thr; int32_t fi; } PNode;  /* fi = feature << 1 | default_left */",
+        _arr("int32_t", "T_DEPTH", [str(d) for d in t_depth]), _arr("int32_t", "T_PNODE", [str(v) for v in t_pnode]),
+        _arr("int32_t", "T_PLEAF", [str(v) for v in t_pleaf]), _arr("int32_t", "T_ROOT", [str(v) for v in t_root]),
+        _arr("PNode", "P_NODES", p_nodes or ["{0.0f,0}"]), _arr("float", "P_LEAF", p_leaves),
+        _arr("int32_t", "S_LEFT", s_left), _arr("int32_t", "S_RIGHT", s_right), _arr("int32_t", "S_FI", s_fi),
+        _arr("float", "S_THR", s_thr), _arr("double", "S_COVER", s_cover),
+    ]
+    return "\n".join(head) + "\n" + "".join(d if d.endswith("\n") else d + "\n" for d in data) + _RUNTIME_C
+
+
+# ----------------------------------------------------------------------------------------------
+# Python wrappers
+
+_F32P = ctypes.POINTER(ctypes.c_float)
+_F64P = ctypes.POINTER(ctypes.c_double)
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    for fn in (lib.predict_margin, lib.shap):
+        fn.argtypes = [_F32P, ctypes.c_int, ctypes.c_int, _F64P]
+        fn.restype = ctypes.c_int
+    lib.num_features.argtypes, lib.num_features.restype = [], ctypes.c_int
+    lib.num_trees.argtypes, lib.num_trees.restype = [], ctypes.c_int
+
+
+def _as_rows(rows: np.ndarray, num_features: int) -> np.ndarray:
+    """C-contiguous float32 [B, F] (a copy only when needed; the caller's array is never written)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != num_features:
+        raise ValueError(f"expected rows [B, {num_features}], got {rows.shape}")
+    return rows
+
+
+class NativeTreeStage:
+    """TreeStage over the generated library: float32 rows [B, F] -> float64 margins [B].
+
+    Bit-identical to xgboost's inplace_predict margins (float32 accumulation in tree order).
+    Thread safe; the GIL is released during the C call."""
+    name = "native"
+
+    def __init__(self, library: CachedLibrary) -> None:
+        self.library = library
+        self._lib = library.lib
+        _bind(self._lib)
+        self.num_features = int(self._lib.num_features())
+        self.num_trees = int(self._lib.num_trees())
+
+    def predict_margin(self, rows: np.ndarray) -> np.ndarray:
+        x = _as_rows(rows, self.num_features)
+        out = np.empty(x.shape[0], np.float64)
+        if x.shape[0]:
+            rc = self._lib.predict_margin(x.ctypes.data_as(_F32P), x.shape[0], x.shape[1], out.ctypes.data_as(_F64P))
+            if rc != 0:
+                raise RuntimeError(f"native predict_margin failed (rc={rc})")
+        return out
+
+
+class NativeExplainer:
+    """Exact TreeSHAP contributions [B, F + 1] (last column: bias = expected margin), the same
+    contract as runtime.trees.TreeExplainer: rows sum to the margin. Thread safe, GIL released."""
+
+    def __init__(self, library: CachedLibrary) -> None:
+        self.library = library
+        self._lib = library.lib
+        _bind(self._lib)
+        self.num_features = int(self._lib.num_features())
+
+    def contributions(self, rows: np.ndarray) -> np.ndarray:
+        x = _as_rows(rows, self.num_features)
+        out = np.empty((x.shape[0], self.num_features + 1), np.float64)
+        if x.shape[0]:
+            rc = self._lib.shap(x.ctypes.data_as(_F32P), x.shape[0], x.shape[1], out.ctypes.data_as(_F64P))
+            if rc != 0:
+                raise RuntimeError(f"native shap failed (rc={rc})")
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# golden set + parity gate
+
+def golden_rows(model: NativeModel, n_rows: int = 256, seed: int = 20261125) -> np.ndarray:
+    """Deterministic rows that probe the split semantics: values at, just below and just above
+    real thresholds, NaN, +-inf, +-1e30, +-FLT_MAX, all-missing and all-inf rows."""
+    rng = np.random.default_rng(seed)
+    F = model.num_features
+    thr_by_f: list[list[float]] = [[] for _ in range(F)]
+    for t in model.trees:
+        for f, thr, c in zip(t.feature, t.threshold, t.left):
+            if c >= 0:
+                thr_by_f[int(f)].append(float(thr))
+    x = rng.normal(size=(n_rows, F)).astype(np.float32)
+    for f in range(F):
+        if thr_by_f[f]:
+            thr = np.asarray(thr_by_f[f], np.float32)[rng.integers(0, len(thr_by_f[f]), n_rows)]
+            kind = rng.integers(0, 4, n_rows)
+            vals = np.where(kind == 0, thr, np.where(kind == 1, np.nextafter(thr, np.float32(-np.inf)),
+                            np.where(kind == 2, np.nextafter(thr, np.float32(np.inf)), x[:, f])))
+            x[:, f] = vals.astype(np.float32)
+    specials = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, np.finfo(np.float32).max, -np.finfo(np.float32).max],
+                        np.float32)
+    mask = rng.random(x.shape) < 0.15
+    x[mask] = specials[rng.integers(0, len(specials), int(mask.sum()))]
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[0] = np.nan
+    x[1] = np.inf
+    x[2] = -np.inf
+    x[3] = 1e30
+    return x
+
+
+def _finite_for_dmatrix(x: np.ndarray) -> np.ndarray:
+    """xgboost's DMatrix rejects inf; +-FLT_MAX takes the same branch at every finite threshold."""
+    big = np.finfo(np.float32).max
+    return np.where(np.isposinf(x), big, np.where(np.isneginf(x), -big, x)).astype(np.float32)
+
+
+def parity_report(booster, stage: NativeTreeStage, explainer: NativeExplainer, rows: np.ndarray) -> dict:
+    """Max differences to xgboost on `rows`: margins, probabilities, contributions, SHAP row sums."""
+    import xgboost as xgb
+    ref_m = np.asarray(booster.inplace_predict(rows, predict_type="margin", missing=np.nan), np.float64).reshape(-1)
+    m = stage.predict_margin(rows)
+    sig = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
+    ref_c = np.asarray(booster.predict(xgb.DMatrix(_finite_for_dmatrix(rows), missing=np.nan), pred_contribs=True),
+                       np.float64)
+    c = explainer.contributions(rows)
+    return {"rows": int(rows.shape[0]), "margin_max_abs": float(np.max(np.abs(m - ref_m))),
+            "margin_bit_identical": bool(np.array_equal(m, ref_m)),
+            "prob_max_abs": float(np.max(np.abs(sig(m) - sig(ref_m)))),
+            "shap_max_abs": float(np.max(np.abs(c - ref_c))),
+            "shap_sum_vs_margin_max_abs": float(np.max(np.abs(c.sum(1) - m)))}
+
+
+def check_parity(booster, stage: NativeTreeStage, explainer: NativeExplainer, rows: np.ndarray) -> dict:
+    """parity_report, raising NativeParityError when a bound is exceeded."""
+    rep = parity_report(booster, stage, explainer, rows)
+    bad = [k for k, lim in (("prob_max_abs", MARGIN_TOL), ("margin_max_abs", MARGIN_TOL * 10),
+                            ("shap_max_abs", SHAP_TOL), ("shap_sum_vs_margin_max_abs", SHAP_TOL)) if not rep[k] <= lim]
+    if bad:
+        raise NativeParityError(f"native trees disagree with xgboost on the golden set ({', '.join(bad)}): {rep}")
+    return rep
+
+
+def _generator_digest() -> str:
+    return hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()
+
+
+def build_native(booster, cache_dirs: Sequence[str | os.PathLike], *, progress: Callable[[str], None] | None = None,
+                 block_rows: int = 32, max_padded_depth: int = 8, cflags: Sequence[str] = CFLAGS,
+                 golden: int = 256) -> tuple[NativeTreeStage, NativeExplainer]:
+    """Generate, compile (or load from cache) and verify the native stage + explainer for `booster`.
+
+    Steps: parse_model (UnsupportedTreeModel) -> generate_c -> native_cache.build_shared_library
+    (NativeBuildError) -> check_parity on `golden` rows (NativeParityError). The parity report
+    is kept on `stage.parity`. Safe to call from several threads/processes (the cache locks)."""
+    progress = progress or (lambda msg: log.info("%s", msg))
+    raw = bytes(booster.save_raw("json"))
+    model = parse_model(booster)
+    key_parts = {"model_sha256": hashlib.sha256(raw).hexdigest(), "generator_sha256": _generator_digest(),
+                 "block_rows": str(block_rows), "max_padded_depth": str(max_padded_depth)}
+    lib = build_shared_library(
+        "uwrt_trees", lambda: {"trees.c": generate_c(model, block_rows=block_rows, max_padded_depth=max_padded_depth)},
+        key_parts, cache_dirs, cflags=cflags, ldflags=("-lm",), progress=progress)
+    stage, explainer = NativeTreeStage(lib), NativeExplainer(lib)
+    if stage.num_features != model.num_features or stage.num_trees != len(model.trees):
+        raise NativeParityError(f"library {lib.path} has {stage.num_features} features / {stage.num_trees} trees, "
+                                f"model has {model.num_features} / {len(model.trees)}")
+    if golden:
+        stage.parity = check_parity(booster, stage, explainer, golden_rows(model, golden))
+        progress(f"native trees verified against xgboost on {golden} golden rows: {stage.parity}")
+    return stage, explainer
