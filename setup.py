@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Low-latency inference runtime for credit-underwriting decisions",
     python_requires=">=3.11",
-    packages=find_packages(include=["runtime", "runtime.*", "kernels", "kernels.*", "uwrt_demo", "uwrt_demo.*"]),
+    packages=find_packages(include=["runtime", "runtime.*", "kernels", "kernels.*", "uwrt_demo", "uwrt_demo.*", "bench", "bench.*"]),
     # torch and xgboost are deliberately absent: the right build (CPU vs CUDA, xgboost-cpu vs
     # xgboost) comes from the profile's requirements file, never from an unpinned resolve.
     install_requires=[

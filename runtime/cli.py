@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from runtime import bundle_cli
     bundle_cli.register(sub)
+
+    from bench import loadgen  # `uwrt bench`: the load generator (bench/loadgen.py)
+    loadgen.register(sub)
     return p
 
 
