@@ -1,7 +1,7 @@
 """`uwrt`: the command line. One subcommand per job; `uwrt <cmd> --help` documents each.
 
 Exit codes: 0 success; 1 some requests were invalid (scored the rest); 2 usage, bundle or
-input-file errors.
+input-file errors; 3 `serve --profile gpu` on a machine where CUDA is not usable.
 """
 from __future__ import annotations
 
@@ -101,8 +101,17 @@ def config_from_args(args: argparse.Namespace) -> RuntimeConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import os
+    from runtime.profiles import ProfileUnavailable, load_config
     from runtime.server import build_pipeline, serve
-    cfg = config_from_args(args)
+    over = {k[len("knob_"):]: v for k, v in vars(args).items() if k.startswith("knob_")}
+    try:
+        resolved = load_config(getattr(args, "config", None), **over)   # defaults < profile < file < env < flags
+    except ProfileUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    cfg = resolved.config
+    print(f"profile {cfg.profile} ({resolved.reason}); encoder {cfg.encoder_backend} on {cfg.encoder_device}",
+          file=sys.stderr, flush=True)
     bundle = cfg.bundle or DEFAULT_BUNDLE
     if not cfg.bundle and not os.path.exists(os.path.join(bundle, "manifest.json")):
         from uwrt_demo.train import DemoConfig, build_demo
@@ -110,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         build_demo(bundle, DemoConfig.preset("full"))
     pipe = build_pipeline(cfg, bundle)
-    return asyncio.run(serve(pipe, cfg))
+    return asyncio.run(serve(pipe, cfg, profile=cfg.profile, profile_reason=resolved.reason))
 
 
 def build_parser() -> argparse.ArgumentParser:

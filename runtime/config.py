@@ -1,9 +1,11 @@
 """Runtime configuration: every knob, its default and its meaning, in one place.
 
-Precedence, lowest first: the defaults below < a TOML file (`--config FILE`) < environment
-variables `UWRT_<NAME>` (`UWRT_BATCHING_MAX_WAIT_US` for nested fields) < command-line flags
-(`--max-wait-us`, same names with dashes). The defaults are the production defaults; README's
-"Configuration" table documents each. Thread safety: frozen values.
+Precedence, lowest first: the defaults below < the deployment profile's values (when a profile
+resolver is given, as `uwrt serve` does: runtime/profiles.py) < a TOML file (`--config FILE`) <
+environment variables `UWRT_<NAME>` (`UWRT_BATCHING_MAX_WAIT_US` for nested fields) <
+command-line flags (`--max-wait-us`, same names with dashes). The defaults are the production
+defaults (the CPU profile's values); README's "Configuration" table documents each.
+Thread safety: frozen values.
 
 Example TOML file::
 
@@ -23,7 +25,7 @@ import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from runtime.batching import BatchingConfig
 
@@ -41,10 +43,40 @@ class RuntimeConfig:
     max_request_events: int = 512
     #: Largest serialized request accepted (bytes); larger is INVALID_ARGUMENT.
     max_request_bytes: int = 1 << 20
-    #: CPU encoder implementation: "torchscript" (one compiled graph; releases the GIL for the
-    #: whole forward, so the server's event loop does not slow it down) or "torch" (eager).
-    #: Both give bit-identical embeddings.
-    encoder_backend: str = "torchscript"
+    #: Deployment profile: "cpu", "gpu" or "auto" (gpu when CUDA is usable, else cpu; the reason
+    #: is logged). A profile sets defaults for the device, backends, threads and batching knobs
+    #: (README: Deployment profiles); a config file, UWRT_* variables and flags override them.
+    #: An explicit "gpu" without usable CUDA exits non-zero at start-up. `uwrt serve` only.
+    profile: str = "auto"
+    #: Device the encoder runs on: "cpu" or "cuda" (set by the profile).
+    encoder_device: str = "cpu"
+    #: Encoder implementation: "onnx" (ONNX Runtime; the CPU default, fastest measured on CPU),
+    #: "torchscript" (one TorchScript graph), "torch" (eager; bit-identical to torchscript) or
+    #: "triton" (fused GPU kernels with CUDA graphs; the gpu profile's). All release the GIL
+    #: for the forward except "torch"; onnx agrees with torch within 1e-5.
+    encoder_backend: str = "onnx"
+    #: CPU encoder that takes over when the GPU encoder fails while serving (the batch is retried
+    #: on it, the runtime reports degraded); empty = no fallback (a GPU failure fails the batch).
+    #: Only used when encoder_device is not "cpu".
+    fallback_encoder_backend: str = ""
+    #: After a GPU failure, retry the GPU encoder on a batch at most once per this many seconds
+    #: and leave degraded mode when it succeeds (0 = stay on the fallback until restarted).
+    fallback_reprobe_s: float = 0.0
+    #: ONNX Runtime graph optimizations: "ort" (ORT_ENABLE_ALL at session creation: Gelu and
+    #: MatMul+Add fusions, constant folding), "transformer" (also onnxruntime.transformers'
+    #: offline optimizer: fuses nothing beyond "ort" on this graph, measured) or "none".
+    onnx_optimization: str = "ort"
+    #: ONNX Runtime intra-op threads (0 = ORT's default: one per core).
+    onnx_intra_op_threads: int = 1
+    #: ONNX Runtime inter-op threads (the graph runs sequentially, so 1 is enough).
+    onnx_inter_op_threads: int = 1
+    #: Directory for the exported ONNX encoder; empty = the bundle's cache/onnx, or
+    #: ~/.cache/uwrt/onnx ($XDG_CACHE_HOME) when the bundle is read-only.
+    onnx_cache_dir: str = ""
+    #: Tree stage path: "auto" (the routed stage over the compiled paths this machine supports,
+    #: measured at warm-up) or one forced path: "native", "tl2cgen", "xgboost", "onnx". The tree
+    #: stage runs on the CPU in every profile.
+    tree_path: str = "auto"
     #: torch intra-op threads for the CPU encoder (0 = leave torch's default).
     torch_threads: int = 1
     #: xgboost threads per tree-stage call (1: latency; the encoder owns the other core).
@@ -62,16 +94,32 @@ class RuntimeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.torch_threads < 0 or not 0 <= self.port <= 65535 or self.grace_s < 0:
             raise ValueError("torch_threads >= 0, 0 <= port <= 65535 and grace_s >= 0 are required")
+        for name, allowed in (("profile", PROFILE_CHOICES), ("encoder_backend", ENCODER_BACKEND_CHOICES),
+                              ("onnx_optimization", ("none", "ort", "transformer")),
+                              ("tree_path", TREE_PATH_CHOICES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.fallback_encoder_backend not in ("",) + ENCODER_BACKEND_CHOICES:
+            raise ValueError(f"fallback_encoder_backend must be empty or one of {', '.join(ENCODER_BACKEND_CHOICES)}; "
+                             f"got {self.fallback_encoder_backend!r}")
+        if self.encoder_device != "cpu" and not self.encoder_device.startswith("cuda"):
+            raise ValueError(f"encoder_device must be 'cpu' or 'cuda[:N]', got {self.encoder_device!r}")
+        if self.onnx_intra_op_threads < 0 or self.onnx_inter_op_threads < 0 or self.fallback_reprobe_s < 0:
+            raise ValueError("onnx_*_threads >= 0 and fallback_reprobe_s >= 0 are required")
 
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, config_file: str | None = None, *, env: typing.Mapping[str, str] | None = None,
+             profile_resolver: Callable[[str], tuple[str, Mapping[str, Any]]] | None = None,
              **overrides: Any) -> "RuntimeConfig":
-        """Defaults < TOML file < UWRT_* environment < overrides (None values are ignored).
+        """Defaults < [profile] < TOML file < UWRT_* environment < overrides (None values are ignored).
 
         Overrides use flat names: top-level fields by name, nested ones by their own name
-        (`max_wait_us=...` sets batching.max_wait_us) or as `batching_max_wait_us`."""
+        (`max_wait_us=...` sets batching.max_wait_us) or as `batching_max_wait_us`.
+        `profile_resolver(requested name) -> (resolved name, {dotted knob: value})` layers a
+        deployment profile (runtime/profiles.py) under the file; the result's `profile` is the
+        resolved name."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         if config_file:
@@ -87,6 +135,13 @@ class RuntimeConfig:
                 continue
             path = _resolve(cls, k)
             _put(values, path, v)
+        if profile_resolver is not None:
+            name, settings = profile_resolver(values.get("profile", cls.profile))
+            layered: dict[str, Any] = {}
+            for dotted, v in settings.items():
+                _put(layered, _resolve(cls, dotted.replace(".", "_")), v)
+            values = _merge(layered, values)
+            values["profile"] = name
         return _build(cls, values)
 
     def apply_threads(self) -> None:
@@ -104,6 +159,19 @@ class RuntimeConfig:
                 v = getattr(v, p)
             out[".".join(path)] = str(v)
         return out
+
+
+PROFILE_CHOICES = ("auto", "cpu", "gpu")
+ENCODER_BACKEND_CHOICES = ("onnx", "torchscript", "torch", "triton")
+TREE_PATH_CHOICES = ("auto", "native", "tl2cgen", "xgboost", "onnx")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, nested tables merged key by key."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def knobs() -> list[tuple[str, Any, Any, str]]:

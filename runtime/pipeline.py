@@ -9,6 +9,7 @@ from one worker thread, as the server does.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.bundle import Bundle, load_bundle
+from runtime.config import RuntimeConfig
 from runtime.encoder import EncoderBackend, TorchEncoderBackend
 from runtime.encoder_script import TorchScriptEncoderBackend
 from runtime.errors import InvalidRequest
@@ -36,9 +38,70 @@ class StageTimes:
     policy_us: int = 0
 
 
-#: CPU encoder backends by name (RuntimeConfig.encoder_backend). Both compute the same numbers
-#: (tested bit for bit); torchscript releases the GIL for the whole forward.
-ENCODER_BACKENDS = {"torchscript": TorchScriptEncoderBackend, "torch": TorchEncoderBackend}
+def _torch_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderBackend:
+    return TorchEncoderBackend(bundle.encoder_config, bundle.encoder_state(), device=device)
+
+
+def _torchscript_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderBackend:
+    if device != "cpu":
+        raise ValueError("the torchscript encoder backend runs on the CPU only (encoder_device='cpu')")
+    return TorchScriptEncoderBackend(bundle.encoder_config, bundle.encoder_state())
+
+
+def _onnx_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderBackend:
+    from runtime.encoder_onnx import OnnxEncoderBackend
+    return OnnxEncoderBackend.from_bundle(bundle, device=device, cache_dir=cfg.onnx_cache_dir,
+                                          intra_op_threads=cfg.onnx_intra_op_threads,
+                                          inter_op_threads=cfg.onnx_inter_op_threads,
+                                          optimization=cfg.onnx_optimization)
+
+
+def _triton_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderBackend:
+    # Imported lazily: the Triton GPU path (runtime/encoder_triton.py) needs CUDA and is not
+    # loaded on CPU hosts.
+    from runtime.encoder_triton import TritonEncoderBackend
+    b = cfg.batching
+    return TritonEncoderBackend(bundle.encoder_config, bundle.encoder_state(), device=device,
+                                batch_buckets=_batch_buckets(b.max_batch_size),
+                                token_buckets=_token_buckets(bundle.encoder_config.max_history, b))
+
+
+def _batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two up to max_batch_size, and max_batch_size itself (CUDA-graph batch buckets)."""
+    out, n = [], 1
+    while n < max_batch_size:
+        out.append(n)
+        n *= 2
+    return tuple(out + [max_batch_size])
+
+
+def _token_buckets(max_history: int, b) -> tuple[int, ...]:
+    """Token capacities the batcher can form: each length bucket's edge times the batch cap,
+    capped by max_batch_tokens (CUDA-graph token buckets)."""
+    caps = {min(b.max_batch_tokens, min(L, max_history) * b.max_batch_size) for L in (*b.length_buckets, max_history)}
+    return tuple(sorted(caps | {max_history}))
+
+
+#: Encoder backends by name (RuntimeConfig.encoder_backend): factory(bundle, config, device).
+#: torch and torchscript compute the same numbers (tested bit for bit); onnx agrees within 1e-5
+#: (runtime/encoder_onnx.py); triton is the GPU path, imported only when asked for.
+ENCODER_BACKENDS = {"onnx": _onnx_backend, "torchscript": _torchscript_backend, "torch": _torch_backend,
+                    "triton": _triton_backend}
+
+
+def build_encoder(bundle: Bundle, cfg: RuntimeConfig) -> EncoderBackend:
+    """The configured encoder: `encoder_backend` on `encoder_device`; off the CPU, wrapped in a
+    FallbackEncoder over `fallback_encoder_backend` (on the CPU) when one is configured."""
+    name, device = cfg.encoder_backend, cfg.encoder_device
+    if name not in ENCODER_BACKENDS:
+        raise ValueError(f"unknown encoder backend {name!r}; choose one of {sorted(ENCODER_BACKENDS)}")
+    primary = ENCODER_BACKENDS[name](bundle, cfg, device)
+    if device == "cpu" or not cfg.fallback_encoder_backend:
+        return primary
+    from runtime.fallback import FallbackEncoder
+    fallback = ENCODER_BACKENDS[cfg.fallback_encoder_backend](bundle, cfg, "cpu")
+    log.info("encoder %s on %s with %s on cpu as fallback", primary.name, device, fallback.name)
+    return FallbackEncoder(primary, fallback, reprobe_s=cfg.fallback_reprobe_s)
 
 
 def _us(t0: int) -> int:
@@ -53,7 +116,11 @@ class Pipeline:
     """A loaded bundle with its encoder backend, tree stage and explainer."""
 
     def __init__(self, bundle: Bundle, *, encoder: EncoderBackend | None = None, trees: TreeStage | None = None,
-                 limits: Limits = Limits(), tree_threads: int = 1, encoder_backend: str = "torchscript") -> None:
+                 limits: Limits = Limits(), tree_threads: int = 1, encoder_backend: str | None = None,
+                 config: RuntimeConfig | None = None) -> None:
+        """`encoder` given: used as is. Otherwise built from `config` (encoder_backend,
+        encoder_device, fallback, onnx knobs; default RuntimeConfig()), `encoder_backend`
+        overriding config's backend name."""
         self.bundle = bundle
         self.schema = bundle.schema
         self.encoder_config = bundle.encoder_config
@@ -61,9 +128,12 @@ class Pipeline:
         self.limits = limits
         booster = load_booster(bundle.tree_model_bytes(), nthread=tree_threads)  # bytes verified against the manifest
         if encoder is None:
-            if encoder_backend not in ENCODER_BACKENDS:
-                raise ValueError(f"unknown encoder backend {encoder_backend!r}; choose one of {sorted(ENCODER_BACKENDS)}")
-            encoder = ENCODER_BACKENDS[encoder_backend](bundle.encoder_config, bundle.encoder_state())
+            cfg = config or RuntimeConfig()
+            if encoder_backend is not None and encoder_backend != cfg.encoder_backend:
+                if encoder_backend not in ENCODER_BACKENDS:
+                    raise ValueError(f"unknown encoder backend {encoder_backend!r}; choose one of {sorted(ENCODER_BACKENDS)}")
+                cfg = dataclasses.replace(cfg, encoder_backend=encoder_backend)
+            encoder = build_encoder(bundle, cfg)
         self.encoder = encoder
         self.trees = trees or XGBoostTreeStage(booster)
         self.explainer = TreeExplainer(booster)
@@ -75,6 +145,16 @@ class Pipeline:
     @classmethod
     def from_dir(cls, path, **kw) -> "Pipeline":
         return cls(load_bundle(path), **kw)
+
+    @property
+    def degraded(self) -> bool:
+        """True while the encoder serves on its fallback (runtime/fallback.py)."""
+        return bool(getattr(self.encoder, "degraded", False))
+
+    def encoder_stats(self) -> dict[str, object]:
+        """The encoder's counters (fallbacks, failures) if it keeps any."""
+        stats = getattr(self.encoder, "stats", None)
+        return dict(stats()) if callable(stats) else {}
 
     def model_rows(self, batch: FeatureBatch, emb: np.ndarray) -> np.ndarray:
         """The exact float32 rows [B, F] the tree stage sees (tabular block, then embedding)."""

@@ -52,10 +52,12 @@ class ServingRuntime:
     """The pipeline behind a batcher. Created and used on the event loop's thread; the pipeline
     itself only ever runs on the single worker thread."""
 
-    def __init__(self, pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu") -> None:
+    def __init__(self, pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu",
+                 profile_reason: str = "") -> None:
         self.pipeline = pipeline
         self.cfg = cfg
         self.profile = profile
+        self.profile_reason = profile_reason
         self.max_history = pipeline.encoder_config.max_history
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="uwrt-model")
         self.clock = MonotonicClock()
@@ -79,7 +81,13 @@ class ServingRuntime:
         """Run every batch shape the batcher can form (blocking; before reporting SERVING).
 
         Returns (batch size, tokens, microseconds) of the passes after the first (cold) one, to
-        calibrate the batcher's cost model before the first real request."""
+        calibrate the batcher's cost model before the first real request. An encoder with its own
+        `warmup` (the GPU path: CUDA-graph capture for every bucket) runs it first."""
+        enc_warmup = getattr(self.pipeline.encoder, "warmup", None)
+        if callable(enc_warmup):
+            t0 = time.perf_counter()
+            enc_warmup()
+            log.info("encoder %s warm-up in %.1fs", self.pipeline.encoder.name, time.perf_counter() - t0)
         timings = []
         for p in range(passes):
             for batch in warmup_batches(self.pipeline.schema, self.max_history, self.cfg.batching):
@@ -109,7 +117,8 @@ class ServingRuntime:
     def model_info(self) -> pb.ModelInfo:
         b = self.pipeline.bundle
         info = pb.ModelInfo(max_history=self.max_history, profile=self.profile,
-                            encoder_backend=self.pipeline.encoder.name, tree_backend=self.pipeline.trees.name)
+                            encoder_backend=self.pipeline.encoder.name, tree_backend=self.pipeline.trees.name,
+                            degraded=self.pipeline.degraded)
         info.model.CopyFrom(self.pipeline.identity)
         for f in b.schema.features:
             info.features.add(name=f.name, source=f.source, impute_value=f.impute_value, reason_code=f.reason_code)
@@ -120,6 +129,10 @@ class ServingRuntime:
         info.settings.update(self.cfg.flat())
         for k, v in self.batcher.stats().items():
             info.settings[f"stats.{k}"] = str(v)
+        for k, v in self.pipeline.encoder_stats().items():
+            info.settings[f"encoder.{k}"] = str(v)
+        if self.profile_reason:
+            info.settings["profile.reason"] = self.profile_reason
         return info
 
     async def drain(self, grace_s: float) -> None:
@@ -189,9 +202,10 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
 class Server:
     """A running decision server. `await start()`, then `await stop()` (or run `serve()`)."""
 
-    def __init__(self, pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu") -> None:
+    def __init__(self, pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu",
+                 profile_reason: str = "") -> None:
         self.cfg = cfg
-        self.rt = ServingRuntime(pipeline, cfg, profile=profile)
+        self.rt = ServingRuntime(pipeline, cfg, profile=profile, profile_reason=profile_reason)
         self.health = health.aio.HealthServicer()
         opts = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES)]
@@ -224,7 +238,9 @@ class Server:
                      self.rt.batcher.cost)
         await self.rt.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("SERVING bundle %s (%s)", self.rt.pipeline.identity.bundle_id, self.rt.pipeline.identity.bundle_digest[:12])
+        log.info("SERVING bundle %s (%s); profile %s, encoder %s, trees %s%s", self.rt.pipeline.identity.bundle_id,
+                 self.rt.pipeline.identity.bundle_digest[:12], self.rt.profile, self.rt.pipeline.encoder.name,
+                 self.rt.pipeline.trees.name, " (DEGRADED)" if self.rt.pipeline.degraded else "")
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new RPCs, finish accepted ones within the grace period."""
@@ -244,9 +260,9 @@ class Server:
         await self._stopped.wait()
 
 
-async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu") -> int:
+async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu", profile_reason: str = "") -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
-    server = Server(pipeline, cfg, profile=profile)
+    server = Server(pipeline, cfg, profile=profile, profile_reason=profile_reason)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -261,4 +277,4 @@ async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu")
 def build_pipeline(cfg: RuntimeConfig, bundle_dir: str) -> Pipeline:
     cfg.apply_threads()
     return Pipeline.from_dir(bundle_dir, limits=Limits(cfg.max_request_events), tree_threads=cfg.tree_threads,
-                             encoder_backend=cfg.encoder_backend)
+                             config=cfg)
