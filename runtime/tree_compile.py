@@ -279,8 +279,9 @@ def parity_check(predict_margin: Callable[[np.ndarray], np.ndarray], booster, ro
     pd = np.abs(_sigmoid(got) - _sigmoid(want))
     md = np.abs(got - want)
     bad = ~(pd <= tol_prob)  # NaN counts as bad
-    report = {"rows": int(rows.shape[0]), "max_prob_diff": float(np.nanmax(pd)) if pd.size else 0.0,
-              "max_margin_diff": float(np.nanmax(md)) if md.size else 0.0}
+    report = {"rows": int(rows.shape[0]),  # NaN (a broken stage) reports as inf
+              "max_prob_diff": float(np.nan_to_num(pd, nan=np.inf).max()) if pd.size else 0.0,
+              "max_margin_diff": float(np.nan_to_num(md, nan=np.inf).max()) if md.size else 0.0}
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise TreeCompileError(
