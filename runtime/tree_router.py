@@ -24,6 +24,7 @@ before traffic.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -292,7 +293,7 @@ def build_tree_stage(booster, bundle=None, *, paths: Sequence[str] = ("native", 
             info: dict = {}
             if p == "native":
                 try:
-                    from runtime import tree_native
+                    tree_native = importlib.import_module("runtime.tree_native")
                 except ImportError as e:
                     log.info("tree path 'native' skipped: runtime.tree_native is not available (%s)", e)
                     report["failures"][p] = f"not available: {e}"
