@@ -113,6 +113,7 @@ class StepRaw:
         self.errors: collections.Counter = collections.Counter()
         self.scheduled = self.sent = self.unsent = self.late = self.ok = 0
         self.cpu_s = 0.0               # generator CPU (all worker processes)
+        self.send_span_s = 0.0         # first intended send -> last actual send (max over workers)
         self.wall_s = 0.0              # first intended send -> last completion (max over workers)
 
     def merge(self, o: "StepRaw") -> None:
@@ -125,12 +126,13 @@ class StepRaw:
             setattr(self, a, getattr(self, a) + getattr(o, a))
         self.cpu_s += o.cpu_s
         self.wall_s = max(self.wall_s, o.wall_s)
+        self.send_span_s = max(self.send_span_s, o.send_span_s)
 
     def to_dict(self) -> dict:
         return dict(lat=self.lat.to_dict(), lag=self.lag.to_dict(),
                     stages={k: h.to_dict() for k, h in self.stages.items()}, errors=dict(self.errors),
                     scheduled=self.scheduled, sent=self.sent, unsent=self.unsent, late=self.late, ok=self.ok,
-                    cpu_s=self.cpu_s, wall_s=self.wall_s)
+                    cpu_s=self.cpu_s, wall_s=self.wall_s, send_span_s=self.send_span_s)
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepRaw":
@@ -138,7 +140,7 @@ class StepRaw:
         r.lat, r.lag = Histogram.from_dict(d["lat"]), Histogram.from_dict(d["lag"])
         r.stages = {k: Histogram.from_dict(v) for k, v in d["stages"].items()}
         r.errors = collections.Counter(d["errors"])
-        for a in ("scheduled", "sent", "unsent", "late", "ok", "cpu_s", "wall_s"):
+        for a in ("scheduled", "sent", "unsent", "late", "ok", "cpu_s", "wall_s", "send_span_s"):
             setattr(r, a, d[a])
         return r
 
@@ -151,12 +153,14 @@ class Recorder:
 
     def __init__(self, live: Any = None, slot: int = 0) -> None:
         self.raw = StepRaw()
+        self.last_send = None          # clock() of the latest actual send
         self.live = live               # optional shared int array [sent, ok, err] * workers (progress)
         self.slot = 3 * slot
 
     def on_send(self, t_intended: float, t_sent: float) -> None:
         r = self.raw
         r.sent += 1
+        self.last_send = t_sent if self.last_send is None else max(self.last_send, t_sent)
         lag = t_sent - t_intended
         r.lag.record(max(0, int(lag * 1e6)))
         if lag > LATE_S:
@@ -302,6 +306,9 @@ async def drive_open(transport, payloads: list[bytes], rids: list[str], offs: np
     async def one(i: int) -> None:
         t_int = t0 + offs[i]
         now = clock()
+        if now - t_int >= timeout_s:     # its deadline passed before the loop could send it
+            rec.on_unsent()
+            return
         rec.on_send(t_int, now)
         status, timing = await transport.call(payloads[i], rids[i], max(t_int + timeout_s - now, 1e-4))
         rec.on_done(t_int, clock(), status, timing)
@@ -418,6 +425,7 @@ async def _run_step_async(target: str, spec: StepSpec, source, t0: float, *, sha
         await transport.close()
         rec.raw.cpu_s = _cpu_s() - c0
         rec.raw.wall_s = clock() - t0
+        rec.raw.send_span_s = max(0.0, rec.last_send - t0) if rec.last_send is not None else 0.0
         if spec.concurrency > 0:
             rec.raw.scheduled = rec.raw.sent
     finally:
@@ -612,13 +620,14 @@ def summarize(spec: StepSpec, raw: StepRaw, *, batches: tuple[int, int] | None =
               server_cpu_s: float = float("nan"), procs: int = 1) -> dict:
     """The step's row: every number a report needs (JSON-ready; NaN where undefined)."""
     dur = spec.duration_s
+    send_s = max(dur, raw.send_span_s)   # a generator that fell behind took longer to send the step
     closed = spec.concurrency > 0
     n_err = sum(raw.errors.values())
     lat = raw.lat
     row: dict[str, Any] = dict(
         mode="closed" if closed else "open", rpc=spec.rpc, arrivals=None if closed else spec.arrivals,
         concurrency=spec.concurrency if closed else None, target_rps=None if closed else float(spec.rate),
-        duration_s=dur, procs=procs, scheduled=raw.scheduled, sent=raw.sent, achieved_rps=raw.sent / dur,
+        duration_s=dur, procs=procs, scheduled=raw.scheduled, sent=raw.sent, achieved_rps=raw.sent / send_s, send_span_s=raw.send_span_s,
         completed=raw.ok, completed_rps=raw.ok / dur, error_count=n_err, errors=dict(sorted(raw.errors.items())),
         error_share=n_err / raw.sent if raw.sent else 0.0, unsent=raw.unsent, late_sends=raw.late,
         late_share=raw.late / raw.sent if raw.sent else 0.0,
