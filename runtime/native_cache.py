@@ -325,7 +325,7 @@ def _build(cache_dir: pathlib.Path, name: str, key: str, key_parts: Mapping[str,
         objs = [f"{u[:-2]}.o" for u in sorted(units)]
         _run_jobs([[cc_path, *cflags, "-c", u, "-o", o] for u, o in zip(sorted(units), objs)],
                   src, jobs, progress, f"compiling {name}")
-        out_tmp = tmp / "lib.so"
+        out_tmp = (tmp / "lib.so").absolute()
         _run_jobs([[cc_path, "-shared", *cflags, "-o", str(out_tmp), *objs, *ldflags]], src, 1, progress,
                   f"linking {name}")
         seconds = time.monotonic() - t0
@@ -377,7 +377,7 @@ def build_shared_library(name: str, c_sources: SourceArg, key_parts: Mapping[str
         raise ValueError("with a source callable, key_parts must identify the sources (model digest, generator version)")
     key = _cache_key(name, key_parts, None if sources is None else _sources_digest(sources), cc_path,
                      cc_version, cflags, ldflags)
-    dirs = [pathlib.Path(d) for d in cache_dirs]
+    dirs = [pathlib.Path(d).absolute() for d in cache_dirs]  # gcc runs in a temp cwd
     if not dirs:
         raise ValueError("cache_dirs is empty")
 

@@ -247,6 +247,13 @@ def test_native_cache_sources_and_key(tmp_path, rng):
         build_shared_library("bad", {"bad.c": "int f( {"}, {"v": "1"}, [tmp_path], progress=lambda m: None)
 
 
+def test_native_cache_relative_dir(tmp_path, monkeypatch, rng):
+    monkeypatch.chdir(tmp_path)
+    k = int(rng.integers(1, 1000))
+    lib = build_shared_library("toy", toy_sources(k), {"v": "1"}, ["rel/cache"], progress=lambda m: None)
+    assert lib.built and lib.lib.toy_value() == k and lib.cache_dir == tmp_path / "rel" / "cache"
+
+
 def test_native_cache_unwritable_dir_falls_through(tmp_path, rng, caplog):
     bad, rw = tmp_path / "not_a_dir", tmp_path / "rw"  # a file where the cache dir should be (chmod
     bad.write_text("x")                               # would not stop root, who runs CI here)
