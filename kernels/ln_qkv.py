@@ -138,9 +138,9 @@ def _variants():
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_LN": "constexpr", "IEEE": "constexpr"}
             const = {"K": K, "N": N, "BLOCK_K": _block_k(K), "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
                      "HAS_LN": has_ln, "IEEE": dt == "*fp32"}
-            out.append((f"ln_linear_{dt[1:]}_K{K}_N{N}_ln{int(has_ln)}", _ln_linear_kernel, sig, const))
+            out.append((_ln_linear_kernel, sig, const, f"ln_linear {dt[1:]} K={K} N={N} ln={int(has_ln)}", dict(num_warps=4)))
     return out
 
 
-#: (name, jit function, signature, constexprs) tuples for kernels.compile_check (sm_80 / sm_90).
+#: (kernel, signature, constexprs, label, options) tuples for kernels.compile_check (sm_80 / sm_90).
 COMPILE_VARIANTS = _variants()

@@ -104,9 +104,9 @@ def _variants():
                    "T": "i32", "D": "constexpr", "F": "constexpr", "BLOCK_D": "constexpr", "BLOCK_M": "constexpr",
                    "BLOCK_F": "constexpr", "IEEE": "constexpr"}
             const = {"D": D, "F": Fd, "BLOCK_D": D, "BLOCK_M": BLOCK_M, "BLOCK_F": BLOCK_F, "IEEE": dt == "*fp32"}
-            out.append((f"mlp_{dt[1:]}_D{D}_F{Fd}", _mlp_kernel, sig, const))
+            out.append((_mlp_kernel, sig, const, f"mlp {dt[1:]} D={D} F={Fd}", dict(num_warps=4)))
     return out
 
 
-#: (name, jit function, signature, constexprs) tuples for kernels.compile_check (sm_80 / sm_90).
+#: (kernel, signature, constexprs, label, options) tuples for kernels.compile_check (sm_80 / sm_90).
 COMPILE_VARIANTS = _variants()
