@@ -42,7 +42,7 @@ log = logging.getLogger("uwrt.trees")
 #: Objectives whose base_score (xgboost 3.x stores it in output space) we can map to a margin.
 _LINKS = {"binary:logistic": "logit", "reg:logistic": "logit", "binary:logitraw": "identity",
           "reg:squarederror": "identity"}
-CFLAGS = ("-O2", "-fPIC", "-std=c99", "-fno-strict-aliasing")  # no -ffast-math: NaN tests matter
+CFLAGS = ("-O3", "-fPIC", "-std=c99", "-fno-strict-aliasing")  # no -ffast-math: NaN tests matter
 MARGIN_TOL = 1e-6    # max |probability| (and margin) difference to xgboost in the golden gate
 SHAP_TOL = 1e-5      # max elementwise contribution difference to xgboost pred_contribs
 
@@ -107,11 +107,11 @@ def parse_model(booster) -> NativeModel:
     j = json.loads(bytes(booster.save_raw("json")))
     learner = j["learner"]
     obj = learner["objective"]["name"]
-    if obj not in _LINKS:
-        raise UnsupportedTreeModel(f"objective {obj!r} is not supported (supported: {sorted(_LINKS)})")
     lmp = learner["learner_model_param"]
     if int(lmp.get("num_class", "0")) > 1 or int(lmp.get("num_target", "1")) != 1:
-        raise UnsupportedTreeModel("multi-class / multi-target models are not supported")
+        raise UnsupportedTreeModel(f"multi-class / multi-target models ({obj}) are not supported")
+    if obj not in _LINKS:
+        raise UnsupportedTreeModel(f"objective {obj!r} is not supported (supported: {sorted(_LINKS)})")
     gb = learner["gradient_booster"]
     if gb["name"] != "gbtree":
         raise UnsupportedTreeModel(f"booster {gb['name']!r} is not supported (only gbtree; dart has tree weights)")
@@ -210,7 +210,9 @@ int predict_margin(const float* rows, int n_rows, int n_features, double* out) {
     const int nb = n_rows - r0 < BLOCK ? n_rows - r0 : BLOCK;
     const float* xb = rows + (size_t)r0 * NF;
     float acc[BLOCK];
+#if WALK_LEVELS
     int32_t pos[BLOCK];
+#endif
     for (int r = 0; r < nb; ++r) acc[r] = base;
     for (int t = 0; t < NT; ++t) {
       const int d = T_DEPTH[t];
@@ -220,6 +222,8 @@ int predict_margin(const float* rows, int n_rows, int n_features, double* out) {
       }
       const PNode* nodes = P_NODES + T_PNODE[t];
       const float* leaves = P_LEAF + T_PLEAF[t];
+      const int first_leaf = (1 << d) - 1;
+#if WALK_LEVELS
       for (int r = 0; r < nb; ++r) pos[r] = 0;
       for (int k = 0; k < d; ++k) {
         for (int r = 0; r < nb; ++r) {
@@ -227,8 +231,18 @@ int predict_margin(const float* rows, int n_rows, int n_features, double* out) {
           pos[r] = 2 * pos[r] + 1 + go_right(xb[(size_t)r * NF + (nd.fi >> 1)], nd.thr, nd.fi);
         }
       }
-      const int first_leaf = (1 << d) - 1;
       for (int r = 0; r < nb; ++r) acc[r] += leaves[pos[r] - first_leaf];
+#else
+      for (int r = 0; r < nb; ++r) {
+        const float* x = xb + (size_t)r * NF;
+        int p = 0;
+        for (int k = 0; k < d; ++k) {
+          const PNode nd = nodes[p];
+          p = 2 * p + 1 + go_right(x[nd.fi >> 1], nd.thr, nd.fi);
+        }
+        acc[r] += leaves[p - first_leaf];
+      }
+#endif
     }
     for (int r = 0; r < nb; ++r) out[r0 + r] = (double)acc[r];
   }
@@ -240,42 +254,51 @@ int predict_margin(const float* rows, int n_rows, int n_features, double* out) {
    the subsets with i "one" features, times their fractions. */
 typedef struct { int d; double z, o, w; } PathElem;
 
+/* INV[i] = 1/i: the recurrences below multiply instead of dividing (divisions dominated). */
+static const double INV[MAXD + 4] = INV_TABLE;
+
 static void extend(PathElem* p, int u, double z, double o, int d) {
   p[u].d = d; p[u].z = z; p[u].o = o; p[u].w = u == 0 ? 1.0 : 0.0;
+  const double inv = INV[u + 1];
   for (int i = u - 1; i >= 0; --i) {
-    p[i + 1].w += o * p[i].w * (double)(i + 1) / (double)(u + 1);
-    p[i].w = z * p[i].w * (double)(u - i) / (double)(u + 1);
+    p[i + 1].w += o * p[i].w * (double)(i + 1) * inv;
+    p[i].w = z * p[i].w * (double)(u - i) * inv;
   }
 }
 
 /* Undo the extension of element k (path 0..u), then drop it: the path becomes 0..u-1. */
 static void unwind(PathElem* p, int u, int k) {
-  const double z = p[k].z, o = p[k].o;
+  const double z = p[k].z, o = p[k].o, inv = INV[u + 1];
   double next = p[u].w;
-  for (int j = u - 1; j >= 0; --j) {
-    if (o != 0.0) {
+  if (o != 0.0) {
+    const double inv_o = 1.0 / o;
+    for (int j = u - 1; j >= 0; --j) {
       const double t = p[j].w;
-      p[j].w = next * (double)(u + 1) / ((double)(j + 1) * o);
-      next = t - p[j].w * z * (double)(u - j) / (double)(u + 1);
-    } else {
-      p[j].w = p[j].w * (double)(u + 1) / (z * (double)(u - j));
+      p[j].w = next * (double)(u + 1) * INV[j + 1] * inv_o;
+      next = t - p[j].w * z * (double)(u - j) * inv;
     }
+  } else {
+    const double inv_z = 1.0 / z;
+    for (int j = u - 1; j >= 0; --j) p[j].w = p[j].w * (double)(u + 1) * inv_z * INV[u - j];
   }
   for (int j = k; j < u; ++j) { p[j].d = p[j + 1].d; p[j].z = p[j + 1].z; p[j].o = p[j + 1].o; }
 }
 
 /* Sum of the weights the path would have after unwinding element k (the path is not changed). */
 static double unwound_sum(const PathElem* p, int u, int k) {
-  const double z = p[k].z, o = p[k].o;
+  const double z = p[k].z, o = p[k].o, inv = INV[u + 1];
   double next = p[u].w, total = 0.0;
-  for (int j = u - 1; j >= 0; --j) {
-    if (o != 0.0) {
-      const double w = next * (double)(u + 1) / ((double)(j + 1) * o);
-      total += w;
-      next = p[j].w - w * z * (double)(u - j) / (double)(u + 1);
-    } else {
-      total += p[j].w * (double)(u + 1) / (z * (double)(u - j));
+  if (o != 0.0) {
+    const double inv_o = 1.0 / o;
+    for (int j = u - 1; j >= 0; --j) {  /* the `next` chain is one mul + one sub per step */
+      const double a = (double)(u + 1) * INV[j + 1] * inv_o;
+      total += next * a;
+      next = p[j].w - next * (a * z * (double)(u - j) * inv);
     }
+  } else {
+    const double inv_z = 1.0 / z;
+    for (int j = u - 1; j >= 0; --j) total += p[j].w * INV[u - j];
+    total *= (double)(u + 1) * inv_z;
   }
   return total;
 }
@@ -320,7 +343,7 @@ int shap(const float* rows, int n_rows, int n_features, double* out) {
 """
 
 
-def generate_c(model: NativeModel, *, block_rows: int = 32, max_padded_depth: int = 8) -> str:
+def generate_c(model: NativeModel, *, block_rows: int = 64, max_padded_depth: int = 8, walk_levels: bool = True) -> str:
     """The complete C source for `model` (deterministic: same model and options, same text)."""
     depths = [t.depth() for t in model.trees]
     p_nodes, p_leaves, t_pnode, t_pleaf, t_depth, t_root = [], [], [], [], [], []
@@ -351,7 +374,8 @@ def generate_c(model: NativeModel, *, block_rows: int = 32, max_padded_depth: in
         f"#define NF {model.num_features}", f"#define NT {len(model.trees)}", f"#define BLOCK {int(block_rows)}",
         f"#define MAXD {maxd}", f"#define BASE_SCORE {_f32(model.base_score)}",
         f"#define LINK_LOGIT {1 if model.link == 'logit' else 0}",
-        f"#define SHAP_TREE_MEANS {_f64(tree_mean)}",
+        f"#define SHAP_TREE_MEANS {_f64(tree_mean)}", f"#define WALK_LEVELS {1 if walk_levels else 0}",
+        "#define INV_TABLE {0.0," + ",".join(_f64(1.0 / i) for i in range(1, maxd + 4)) + "}",
     ]
     if model.link == "logit" and not (0.0 < float(model.base_score) < 1.0):
         raise UnsupportedTreeModel(f"base_score {model.base_score} is not a probability")
@@ -503,7 +527,7 @@ def _generator_digest() -> str:
 
 
 def build_native(booster, cache_dirs: Sequence[str | os.PathLike], *, progress: Callable[[str], None] | None = None,
-                 block_rows: int = 32, max_padded_depth: int = 8, cflags: Sequence[str] = CFLAGS,
+                 block_rows: int = 64, max_padded_depth: int = 8, cflags: Sequence[str] = CFLAGS,
                  golden: int = 256) -> tuple[NativeTreeStage, NativeExplainer]:
     """Generate, compile (or load from cache) and verify the native stage + explainer for `booster`.
 
