@@ -18,8 +18,8 @@ that cannot be met raises) or a calibrated `RoutedTreeStage`, plus a report for 
 GetModelInfo.
 
 Thread safety: `predict_margin` may be called from several threads if every inner stage may
-(the compiled paths and xgboost may; tl2cgen_predictor serialises itself); the counters are
-lock-protected; `calibrate` swaps the routing table atomically but should run at warm-up,
+(the compiled paths and xgboost may; tl2cgen_predictor serialises itself); failure/fallback
+counters are lock-protected (per-stage call counts are not: see `stats`); `calibrate` swaps the routing table atomically but should run at warm-up,
 before traffic.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ class RoutedTreeStage:
         return self._clock() - t0
 
     def calibrate(self, rows_sample: np.ndarray, batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
-                  repeats: int = 25, *, warmup: int = 3, max_seconds: float = 20.0) -> list[dict]:
+                  repeats: int = 50, *, warmup: int = 3, max_seconds: float = 10.0) -> list[dict]:
         """Measure every stage at every batch size on this machine and build the routing table.
 
         `rows_sample` [N, F] float32: representative rows (cycled to fill larger batches).
@@ -169,6 +169,7 @@ class RoutedTreeStage:
             routes[b] = tuple(by_name[n] for n in table[j]["order"])
         routes[0] = routes[1] if max_b >= 1 else routes[0]
         with self._lock:
+            routes = [tuple(s for s in r if s.name not in self._disabled) for r in routes]
             self._table = table
             self._routes = routes  # one atomic swap; readers see the old or the new list
             self._calibrated = True
@@ -187,34 +188,47 @@ class RoutedTreeStage:
     def route(self, batch: int) -> list[str]:
         """Stage names in the order a batch of this size tries them."""
         routes = self._routes
-        r = routes[min(batch, len(routes) - 1)]
-        return [s.name for s in r if s.name not in self._disabled]
+        return [s.name for s in routes[min(batch, len(routes) - 1)]]
 
     def predict_margin(self, rows: np.ndarray) -> np.ndarray:
-        routes = self._routes
-        n = rows.shape[0] if rows.ndim == 2 else -1
-        if n < 0 or rows.shape[1] != self.num_features:
+        # hot path: one list index, one call, one counter bump (~1 us over the stage itself)
+        if rows.ndim != 2 or rows.shape[1] != self.num_features:  # a bad input is not a stage failure
             raise ValueError(f"expected rows [B, {self.num_features}], got {rows.shape}")
-        last: Exception | None = None
-        tried = 0
-        for stage in routes[min(n, len(routes) - 1)]:
+        routes = self._routes
+        n = rows.shape[0]
+        route = routes[n] if n < len(routes) else routes[-1]
+        if not route:
+            raise BackendError("no tree stage is enabled")
+        first = route[0]
+        try:
+            out = first.predict_margin(rows)
+        except Exception as e:  # noqa: BLE001 - fall back to the next path, loudly
+            return self._fallback(rows, route, first, e)
+        self._calls[first.name] += 1  # no lock on the hot path (a lock costs more than the rest)
+        if self._consecutive[first.name]:
+            with self._lock:
+                self._consecutive[first.name] = 0
+        return out
+
+    def _fallback(self, rows: np.ndarray, route: tuple, first, err: Exception) -> np.ndarray:
+        n = rows.shape[0]
+        self._failed(first.name, err, n)
+        last = err
+        for stage in route[1:]:
             if stage.name in self._disabled:
                 continue
-            tried += 1
             try:
                 out = stage.predict_margin(rows)
-            except Exception as e:  # noqa: BLE001 - fall back to the next path, loudly
+            except Exception as e:  # noqa: BLE001
                 last = e
                 self._failed(stage.name, e, n)
                 continue
             with self._lock:
                 self._calls[stage.name] += 1
                 self._consecutive[stage.name] = 0
-                if tried > 1:
-                    self._fallbacks += 1
+                self._fallbacks += 1
             return out
-        raise BackendError(f"every tree stage failed for a batch of {n} rows (last: {type(last).__name__}: {last})"
-                           if last else "no tree stage is enabled")
+        raise BackendError(f"every tree stage failed for a batch of {n} rows (last: {type(last).__name__}: {last})")
 
     def _failed(self, name: str, e: Exception, n: int) -> None:
         log.warning("tree stage %r failed on a batch of %d rows (%s: %s); falling back to the next path",
@@ -230,13 +244,15 @@ class RoutedTreeStage:
         log.warning("tree stage %r taken out of routing: %s", name, why)
         with self._lock:
             self._disabled[name] = why
+            self._routes = [tuple(s for s in r if s.name != name) for r in self._routes]  # atomic swap
 
     # -------------------------------------------------------------------------------------
     # reporting
 
     def stats(self) -> dict:
         """Counters: calls and failures per stage, fallbacks (batches served by a non-first
-        choice), disabled stages with the reason. Thread safe."""
+        choice), disabled stages with the reason. Thread safe; failures and fallbacks are exact,
+        `calls` is bumped without a lock on the hot path and may miss a few under concurrency."""
         with self._lock:
             return {"calls": dict(self._calls), "failures": dict(self._failures), "fallbacks": self._fallbacks,
                     "disabled": dict(self._disabled)}
@@ -255,7 +271,7 @@ def build_tree_stage(booster, bundle=None, *, paths: Sequence[str] = ("native", 
                      cache_dirs: Sequence[str | os.PathLike] | None = None, training_rows: np.ndarray | None = None,
                      tree_threads: int = 1, progress: Callable[[str], None] | None = None,
                      calibration_rows: np.ndarray | None = None, calibrate: bool = True,
-                     batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES, repeats: int = 25):
+                     batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES, repeats: int = 50):
     """Build the tree stage for `booster` -> (stage, report).
 
     paths: any of KNOWN_PATHS, in preference order. One path -> that stage itself (an explicit
