@@ -289,3 +289,48 @@ def test_native_cache_concurrent_builders_agree(tmp_path, rng):
     assert not errors and len(results) == 4 and len(builds) == 1
     assert {r.path for r in results} == {results[0].path} and all(r.lib.toy_value() == k for r in results)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_compiled_thread_safe(rng, model, compiled):
+    from concurrent.futures import ThreadPoolExecutor
+    stage = CompiledTreeStage(compiled)
+    batches = [edge_rows(rng, model, int(n)) for n in rng.integers(1, 40, 16)]
+    want = [stage.predict_margin(b) for b in batches]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(stage.predict_margin, batches * 4))
+    for i, g in enumerate(got):
+        assert np.array_equal(g, want[i % len(batches)])
+
+
+def test_compiled_matches_xgboost_hypothesis(model, compiled):
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis.extra.numpy import arrays
+    stage = CompiledTreeStage(compiled)
+    thr = np.concatenate(list(_split_thresholds(model).values()))
+    cell = st.one_of(st.floats(width=32, allow_nan=True, allow_infinity=True), st.sampled_from(thr.tolist()))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(arrays(np.float32, st.tuples(st.integers(1, 6), st.just(NF)), elements=cell))
+    def check(rows):
+        assert_parity(stage.predict_margin(rows), model, rows)
+
+    check()
+
+
+def test_compile_bundle_cache(small_bundle, tmp_path, monkeypatch, rng):
+    import shutil
+    from runtime.bundle import load_bundle
+    from runtime.tree_compile import compile_bundle_cache
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(small_bundle, bundle_dir, ignore=shutil.ignore_patterns("cache"))
+    monkeypatch.setenv("UWRT_CACHE_DIR", str(tmp_path / "user"))
+    lib = compile_bundle_cache(load_bundle(bundle_dir), progress=lambda m: None)
+    assert lib.cached.cache_dir == bundle_dir / "cache" / "native" and lib.parity["max_prob_diff"] <= PROB_TOL
+    bundle = load_bundle(bundle_dir)  # cache/ is not part of the digest
+    assert not compile_bundle_cache(bundle, progress=lambda m: None).cached.built
+    # a bundle whose cache/ cannot be written: the user cache is used
+    ro_dir = tmp_path / "ro"
+    shutil.copytree(small_bundle, ro_dir, ignore=shutil.ignore_patterns("cache"))
+    (ro_dir / "cache").write_text("not a directory")
+    lib2 = compile_bundle_cache(load_bundle(ro_dir), progress=lambda m: None)
+    assert lib2.cached.cache_dir == tmp_path / "user" / "native"
