@@ -40,6 +40,7 @@ import traceback
 MODULES = (
     "kernels.attention",
     "kernels.attn_block",
+    "kernels.ln_qkv", "kernels.mlp", "kernels.epilogue",
 )
 
 
