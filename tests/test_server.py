@@ -220,7 +220,7 @@ def test_model_info(pipe):
     info = run(main())
     assert info.model.bundle_digest == pipe.bundle.bundle_digest
     assert len(info.features) == len(pipe.schema.features) and info.profile == "cpu"
-    assert info.settings["batching.max_batch_size"] == "16" and info.encoder_backend == "torchscript"
+    assert info.settings["batching.max_batch_size"] == "16" and info.encoder_backend == "onnx" and not info.degraded
 
 
 def test_shutdown_drains_accepted_requests(pipe, traffic):
