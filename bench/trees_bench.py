@@ -5,15 +5,16 @@
                                 [--iters 300] [--json out.json] [--no-realistic] [--quantize]
 
 Paths: xgboost inplace_predict (reference), Treelite GTIL, tl2cgen Predictor + DMatrix, the
-TL2cgen library called directly (ctypes, branch-annotated on the input rows unless
---no-annotate), T2's native batch layout (runtime/tree_native.py, if present), ONNX Runtime,
+TL2cgen library called directly (ctypes, branch-annotated on half of the input rows unless
+--no-annotate; the unannotated build is timed too as tl2cgen_noannot; --quantize adds a
+quantize=1 build), T2's native batch layout (runtime/tree_native.py, if present), ONNX Runtime,
 and the routed stage (calibrated in this process over native/tl2cgen/xgboost/onnx).
 
 Input rows: realistic model rows (synthetic requests -> featurize -> encoder -> the exact rows
 the tree stage sees) unless --no-realistic (then the parity golden set: NaN/inf heavy, not
 representative of timing). Each batch is a different window of those rows. Paths are timed
-interleaved (rotating order each iteration) so machine noise hits them alike; compare only
-within one run. Every path is first checked against xgboost (max probability difference).
+interleaved (random order each iteration) so machine noise and cache warmth hit them alike;
+compare only within one run. Every path is first checked against xgboost (max probability difference).
 Compile/load time is reported apart.
 """
 from __future__ import annotations
@@ -94,9 +95,12 @@ def time_paths(stages: list, rows: np.ndarray, b: int, iters: int, warmup: int =
             st.predict_margin(x)
     samples: dict[str, list[int]] = {st.name: [] for st in stages}
     clock = time.perf_counter_ns
-    for i, x in enumerate(batches[warmup:]):
-        k = i % len(stages)
-        for st in stages[k:] + stages[:k]:
+    order_rng = np.random.default_rng(b)
+    for x in batches[warmup:]:
+        # a fresh random order each iteration: paths sharing code (tl2cgen, its Predictor, the
+        # routed stage) must not always run right after each other with a warm i-cache
+        for j in order_rng.permutation(len(stages)):
+            st = stages[j]
             t0 = clock()
             st.predict_margin(x)
             samples[st.name].append(clock() - t0)
@@ -150,6 +154,9 @@ def main() -> int:
     stages.append(TL2cgenPredictorStage(lib))
     direct = CompiledTreeStage(lib)
     stages.append(direct)
+    if ann is not None:  # the same library without branch annotation, to show what annotation buys
+        plain = compile_tl2cgen(booster, cache_dirs, progress=lambda m: print(f"# {m}", file=sys.stderr))
+        stages.append(CompiledTreeStage(plain, name="tl2cgen_noannot"))
     if args.quantize:
         qlib = compile_tl2cgen(booster, cache_dirs, training_rows=ann, quantize=True, check_parity=False,
                                progress=lambda m: None)

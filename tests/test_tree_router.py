@@ -81,6 +81,10 @@ def test_uncalibrated_uses_preference_order(rng, clock):
     r.predict_margin(rows)
     assert (a.calls, b.calls) == (1, 0) and r.route(5) == ["a", "b"]
     assert r.predict_margin(rows[:0]).shape == (0,)
+    a.predict_margin = lambda x: (_ for _ in ()).throw(ValueError("bad shape"))  # as a real stage would
+    with pytest.raises(ValueError, match="expected rows"):
+        r.predict_margin(rows[:, :-1])
+    assert r.stats()["failures"] == {"a": 0, "b": 0}  # a bad input is not a stage failure
 
 
 def test_broken_path_falls_back_logged_and_counted(rng, clock, caplog):
