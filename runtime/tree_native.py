@@ -284,23 +284,35 @@ static void unwind(PathElem* p, int u, int k) {
   for (int j = k; j < u; ++j) { p[j].d = p[j + 1].d; p[j].z = p[j + 1].z; p[j].o = p[j + 1].o; }
 }
 
-/* Sum of the weights the path would have after unwinding element k (the path is not changed). */
-static double unwound_sum(const PathElem* p, int u, int k) {
-  const double z = p[k].z, o = p[k].o, inv = INV[u + 1];
-  double next = p[u].w, total = 0.0;
-  if (o != 0.0) {
-    const double inv_o = 1.0 / o;
-    for (int j = u - 1; j >= 0; --j) {  /* the `next` chain is one mul + one sub per step */
-      const double a = (double)(u + 1) * INV[j + 1] * inv_o;
-      total += next * a;
-      next = p[j].w - next * (a * z * (double)(u - j) * inv);
+/* A leaf with value v adds, for each path element i >= 1, (sum of the weights left after
+   unwinding i) * (o_i - z_i) * v to phi[d_i]. Unwinding only reads the full path's weights and
+   (z_i, o_i), so for every element with o_i == 0 the sum is (u+1)/z_i * S0 with one shared
+   S0 = sum_j w_j / (u - j), and its term is -(u+1) * S0 * v. Elements with o_i != 0 need the
+   backward recurrence; their chains are independent and are stepped together. */
+static void leaf_contrib(const PathElem* p, int u, double v, double* phi) {
+  const double inv = INV[u + 1];
+  double s0 = 0.0;
+  for (int j = u - 1; j >= 0; --j) s0 += p[j].w * INV[u - j];
+  const double cold_term = -(double)(u + 1) * s0 * v;
+  int hot[MAXD + 2];
+  double next[MAXD + 2], tot[MAXD + 2], ko[MAXD + 2];
+  int nh = 0;
+  for (int i = 1; i <= u; ++i) {
+    if (p[i].o != 0.0) {
+      hot[nh] = i; next[nh] = p[u].w; tot[nh] = 0.0; ko[nh] = (double)(u + 1) / p[i].o; ++nh;
+    } else {
+      phi[p[i].d] += cold_term;
     }
-  } else {
-    const double inv_z = 1.0 / z;
-    for (int j = u - 1; j >= 0; --j) total += p[j].w * INV[u - j];
-    total *= (double)(u + 1) * inv_z;
   }
-  return total;
+  for (int j = u - 1; j >= 0; --j) {
+    const double pj = p[j].w, c1 = INV[j + 1], c2 = (double)(u - j) * inv;
+    for (int h = 0; h < nh; ++h) {
+      const double a = ko[h] * c1;
+      tot[h] += next[h] * a;
+      next[h] = pj - next[h] * (a * p[hot[h]].z * c2);
+    }
+  }
+  for (int h = 0; h < nh; ++h) phi[p[hot[h]].d] += tot[h] * (p[hot[h]].o - p[hot[h]].z) * v;
 }
 
 /* `parent` holds elements 0..pu; this node's path is built right after it. */
@@ -311,8 +323,7 @@ static void shap_recurse(int n, const float* x, double* phi, PathElem* parent, i
   int u = pu + 1;
   extend(p, u, pz, po, pd);
   if (S_LEFT[n] < 0) {
-    const double v = (double)S_THR[n];
-    for (int i = 1; i <= u; ++i) phi[p[i].d] += unwound_sum(p, u, i) * (p[i].o - p[i].z) * v;
+    leaf_contrib(p, u, (double)S_THR[n], phi);
     return;
   }
   const int32_t fi = S_FI[n];
