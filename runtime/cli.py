@@ -1,7 +1,8 @@
 """`uwrt`: the command line. One subcommand per job; `uwrt <cmd> --help` documents each.
 
 Exit codes: 0 success; 1 some requests were invalid (scored the rest); 2 usage, bundle or
-input-file errors; 3 `serve --profile gpu` on a machine where CUDA is not usable.
+input-file errors; 3 `serve --profile gpu` on a machine where CUDA is not usable or the GPU
+encoder cannot start (`--profile auto` serves the cpu profile instead, logging why).
 """
 from __future__ import annotations
 
@@ -118,8 +119,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"no bundle given and {bundle} does not exist: building the demo bundle first (~3 min)",
               file=sys.stderr, flush=True)
         build_demo(bundle, DemoConfig.preset("full"))
-    pipe = build_pipeline(cfg, bundle)
-    return asyncio.run(serve(pipe, cfg, profile=cfg.profile, profile_reason=resolved.reason))
+    try:
+        pipe = build_pipeline(cfg, bundle)
+    except (ImportError, RuntimeError, OSError) as e:
+        if cfg.encoder_device == "cpu":
+            raise
+        why = f"{type(e).__name__}: {e}"
+        if resolved.requested != "auto":     # an explicit gpu request never silently serves on CPU
+            print(f"error: the {cfg.profile} profile's encoder ({cfg.encoder_backend} on {cfg.encoder_device}) "
+                  f"cannot start: {why}", file=sys.stderr)
+            return 3
+        logging.getLogger("uwrt.profiles").error("auto: the GPU encoder cannot start (%s); serving the cpu profile", why)
+        resolved = load_config(getattr(args, "config", None), **{**over, "profile": "cpu"})
+        cfg, reason = resolved.config, f"auto: GPU usable but its encoder failed to start ({why}); cpu profile"
+        pipe = build_pipeline(cfg, bundle)
+    else:
+        reason = resolved.reason
+    return asyncio.run(serve(pipe, cfg, profile=cfg.profile, profile_reason=reason))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -198,3 +198,24 @@ def test_gpu_profile_wiring_with_a_fake_device(small_bundle, traffic, monkeypatc
     assert info.profile == "gpu" and info.degraded and info.encoder_backend == "onnx (fallback from triton)"
     assert info.settings["encoder.primary_failures"] == "1" and "Fake H100" in info.settings["profile.reason"]
     assert np.isfinite(list(pd.values())).all()
+
+
+def test_gpu_encoder_that_cannot_start(small_bundle, monkeypatch, capsys, caplog):
+    """CUDA usable but the Triton encoder cannot be built (here: not importable): an explicit gpu
+    exits 3 saying why; auto serves the cpu profile and says why in GetModelInfo's reason."""
+    import runtime.server
+    monkeypatch.setattr(profiles, "cuda_usable", CUDA)
+    monkeypatch.setitem(sys.modules, "runtime.encoder_triton", None)       # import fails
+    served = {}
+
+    async def fake_serve(pipe, cfg, *, profile, profile_reason):
+        served.update(pipe=pipe, cfg=cfg, profile=profile, reason=profile_reason)
+        return 0
+    monkeypatch.setattr(runtime.server, "serve", fake_serve)
+    args = ["serve", "--bundle", str(small_bundle), "--port", "0"]
+    assert main(args + ["--profile", "gpu"]) == 3
+    assert "encoder (triton on cuda) cannot start: ModuleNotFoundError" in capsys.readouterr().err and not served
+    with caplog.at_level(logging.ERROR, logger="uwrt.profiles"):
+        assert main(args) == 0
+    assert served["profile"] == "cpu" and served["pipe"].encoder.name == "onnx"
+    assert "encoder failed to start (ModuleNotFoundError" in served["reason"] and "GPU encoder cannot start" in caplog.text
