@@ -16,7 +16,11 @@ leaf is copied into every slot below it), so a walk is exactly D steps of
 and steps all rows of the block level by level (independent loads overlap). Deeper trees are
 walked node by node. Exact TreeSHAP is Lundberg et al. 2018, Algorithm 2 (path EXTEND/UNWIND,
 cover = xgboost's `sum_hessian`), accumulated in double; bias column = base margin + the
-cover-weighted mean of every tree.
+cover-weighted mean of every tree. Since a leaf's path is fixed and only its one-fractions
+(0/1) depend on the row, `NativeExplainer` by default precomputes every leaf's contributions for
+all 2^k hot/cold patterns with that same code (a float32 table, capped by
+`SHAP_TABLE_MAX_BYTES`) and a row then costs one pass over the splits; the plain recursion is
+kept as the fallback for big tables and as a second tested path.
 
 Thread safety: the generated library has no mutable global state (scratch lives on the stack),
 and ctypes releases the GIL for each call, so both classes are safe to call from several threads.
@@ -157,6 +161,38 @@ def _arr(ctype: str, name: str, items: list[str]) -> str:
     items = items or ["0"]  # C forbids empty arrays
     body = ",".join(items)
     return f"static const {ctype} {name}[{len(items)}] = {{{body}}};\n"
+
+
+def _leaf_paths(tree: Tree) -> list[tuple[float, list[tuple[int, float]], list[tuple[int, int, int]]]]:
+    """Per leaf (DFS order): value, unique path features [(feature, z = product of cover
+    fractions)] in first-seen order, and the splits on the way [(node, went_right, slot)]."""
+    out = []
+    stack: list[tuple[int, list[tuple[int, int, int]]]] = [(0, [])]
+    while stack:
+        n, conds = stack.pop()
+        if tree.left[n] < 0:
+            feats: list[int] = []
+            z: list[float] = []
+            for node, right, _ in conds:
+                f = int(tree.feature[node])
+                child = int(tree.right[node] if right else tree.left[node])
+                frac = float(tree.cover[child]) / float(tree.cover[node])
+                if f in feats:
+                    z[feats.index(f)] *= frac
+                else:
+                    feats.append(f)
+                    z.append(frac)
+            out.append((float(tree.threshold[n]), list(zip(feats, z)),
+                        [(node, right, feats.index(int(tree.feature[node]))) for node, right, _ in conds]))
+            continue
+        stack.append((int(tree.right[n]), conds + [(n, 1, 0)]))
+        stack.append((int(tree.left[n]), conds + [(n, 0, 0)]))
+    return out
+
+
+def shap_table_bytes(model: NativeModel) -> int:
+    """Bytes of the float32 table behind the table-driven TreeSHAP: sum over leaves of 2^k * k * 4."""
+    return 4 * sum((1 << len(e)) * len(e) for t in model.trees for _, e, _ in _leaf_paths(t))
 
 
 def _pad(tree: Tree, depth: int) -> tuple[list[tuple[float, int]], list[float]]:
@@ -351,6 +387,61 @@ int shap(const float* rows, int n_rows, int n_features, double* out) {
   }
   return 0;
 }
+
+/* ---- table-driven TreeSHAP (same numbers, precomputed per leaf) ----
+   At a leaf the path (after merging repeated features) is static: k unique features with cover
+   fractions z_e; only the one-fractions o_e in {0,1} depend on the row (o_e = 1 iff the row
+   satisfies every split on feature e along the way). So each leaf's contributions for all 2^k
+   patterns are computed once with the same EXTEND / leaf step (shap_fill_table), and a row
+   costs one pass over the tree's splits plus, per leaf, its pattern and k table reads. */
+long long shap_table_floats(void) { return TABLE_FLOATS; }
+
+int shap_fill_table(float* table) {
+  PathElem path[MAXD + 2];
+  double phi_local[MAXD + 1];
+  for (int l = 0; l < NL; ++l) {
+    const int k = L_K[l];
+    float* dst = table + L_TOFF[l];
+    for (int pat = 0; pat < (1 << k); ++pat) {
+      extend(path, 0, 1.0, 1.0, -1);
+      for (int e = 0; e < k; ++e) extend(path, e + 1, E_Z[L_EOFF[l] + e], ((pat >> e) & 1) ? 1.0 : 0.0, e);
+      for (int e = 0; e < k; ++e) phi_local[e] = 0.0;
+      leaf_contrib(path, k, (double)L_VALUE[l], phi_local);
+      for (int e = 0; e < k; ++e) dst[pat * k + e] = (float)phi_local[e];
+    }
+  }
+  return 0;
+}
+
+int shap_tabled(const float* table, const float* rows, int n_rows, int n_features, double* out) {
+  if (n_features != NF || n_rows < 0) return -1;
+  unsigned char dir[MAXNODES];
+  for (int r = 0; r < n_rows; ++r) {
+    const float* x = rows + (size_t)r * NF;
+    double* phi = out + (size_t)r * (NF + 1);
+    for (int i = 0; i < NF; ++i) phi[i] = 0.0;
+    for (int t = 0; t < NT; ++t) {
+      const int n0 = T_ROOT[t], nn = T_NNODES[t];
+      for (int i = 0; i < nn; ++i) {  /* leaves compute a harmless dummy */
+        const int32_t fi = S_FI[n0 + i];
+        dir[i] = (unsigned char)go_right(x[fi >> 1], S_THR[n0 + i], fi);
+      }
+      for (int l = T_LEAF[t]; l < T_LEAF[t + 1]; ++l) {
+        const int k = L_K[l];
+        unsigned pat = (1u << k) - 1u;
+        for (int c = L_COFF[l]; c < L_COFF[l + 1]; ++c) {
+          const int32_t info = C_INFO[c];  /* slot << 1 | required direction */
+          pat &= ~((unsigned)(dir[C_NODE[c]] != (info & 1)) << (info >> 1));
+        }
+        const float* tv = table + L_TOFF[l] + (size_t)pat * k;
+        const int32_t* ef = E_FEAT + L_EOFF[l];
+        for (int e = 0; e < k; ++e) phi[ef[e]] += (double)tv[e];
+      }
+    }
+    phi[NF] = (double)base_margin() + SHAP_TREE_MEANS;
+  }
+  return 0;
+}
 """
 
 
@@ -376,6 +467,23 @@ def generate_c(model: NativeModel, *, block_rows: int = 64, max_padded_depth: in
             t_depth.append(d)
         else:
             t_depth.append(-1)
+    t_leaf, t_nnodes, l_value, l_k, l_eoff, l_coff, l_toff = [0], [], [], [], [], [0], []
+    e_feat, e_z, c_node, c_info = [], [], [], []
+    toff = 0
+    for t in model.trees:
+        t_nnodes.append(len(t.left))
+        for value, elems, conds in _leaf_paths(t):
+            l_value.append(_f32(value))
+            l_k.append(str(len(elems)))
+            l_eoff.append(str(len(e_feat)))
+            l_toff.append(str(toff))
+            toff += (1 << len(elems)) * len(elems)
+            e_feat += [str(f) for f, _ in elems]
+            e_z += [_f64(z) for _, z in elems]
+            c_node += [str(node) for node, _, _ in conds]
+            c_info += [str(slot << 1 | right) for _, right, slot in conds]
+            l_coff.append(len(c_node))
+        t_leaf.append(len(l_value))
     tree_mean = math.fsum(t.mean_value() for t in model.trees)
     maxd = max(depths, default=0)
     head = [
@@ -387,6 +495,7 @@ def generate_c(model: NativeModel, *, block_rows: int = 64, max_padded_depth: in
         f"#define LINK_LOGIT {1 if model.link == 'logit' else 0}",
         f"#define SHAP_TREE_MEANS {_f64(tree_mean)}", f"#define WALK_LEVELS {1 if walk_levels else 0}",
         "#define INV_TABLE {0.0," + ",".join(_f64(1.0 / i) for i in range(1, maxd + 4)) + "}",
+        f"#define NL {len(l_value)}", f"#define MAXNODES {max(t_nnodes, default=1)}", f"#define TABLE_FLOATS {toff}LL",
     ]
     if model.link == "logit" and not (0.0 < float(model.base_score) < 1.0):
         raise UnsupportedTreeModel(f"base_score {model.base_score} is not a probability")
@@ -397,6 +506,11 @@ def generate_c(model: NativeModel, *, block_rows: int = 64, max_padded_depth: in
         _arr("PNode", "P_NODES", p_nodes or ["{0.0f,0}"]), _arr("float", "P_LEAF", p_leaves),
         _arr("int32_t", "S_LEFT", s_left), _arr("int32_t", "S_RIGHT", s_right), _arr("int32_t", "S_FI", s_fi),
         _arr("float", "S_THR", s_thr), _arr("double", "S_COVER", s_cover),
+        _arr("int32_t", "T_LEAF", [str(v) for v in t_leaf]), _arr("int32_t", "T_NNODES", [str(v) for v in t_nnodes]),
+        _arr("float", "L_VALUE", l_value), _arr("int32_t", "L_K", l_k), _arr("int32_t", "L_EOFF", l_eoff),
+        _arr("int32_t", "L_COFF", [str(v) for v in l_coff]), _arr("int64_t", "L_TOFF", l_toff),
+        _arr("int32_t", "E_FEAT", e_feat), _arr("double", "E_Z", e_z),
+        _arr("int32_t", "C_NODE", c_node), _arr("int32_t", "C_INFO", c_info),
     ]
     return "\n".join(head) + "\n" + "".join(d if d.endswith("\n") else d + "\n" for d in data) + _RUNTIME_C
 
@@ -412,6 +526,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     for fn in (lib.predict_margin, lib.shap):
         fn.argtypes = [_F32P, ctypes.c_int, ctypes.c_int, _F64P]
         fn.restype = ctypes.c_int
+    lib.shap_tabled.argtypes = [_F32P, _F32P, ctypes.c_int, ctypes.c_int, _F64P]
+    lib.shap_tabled.restype = ctypes.c_int
+    lib.shap_fill_table.argtypes, lib.shap_fill_table.restype = [_F32P], ctypes.c_int
+    lib.shap_table_floats.argtypes, lib.shap_table_floats.restype = [], ctypes.c_longlong
     lib.num_features.argtypes, lib.num_features.restype = [], ctypes.c_int
     lib.num_trees.argtypes, lib.num_trees.restype = [], ctypes.c_int
 
@@ -448,21 +566,42 @@ class NativeTreeStage:
         return out
 
 
+#: Largest per-leaf pattern table NativeExplainer builds (float32); beyond it, the recursion.
+SHAP_TABLE_MAX_BYTES = 64 << 20
+
+
 class NativeExplainer:
     """Exact TreeSHAP contributions [B, F + 1] (last column: bias = expected margin), the same
-    contract as runtime.trees.TreeExplainer: rows sum to the margin. Thread safe, GIL released."""
+    contract as runtime.trees.TreeExplainer: rows sum to the margin.
 
-    def __init__(self, library: CachedLibrary) -> None:
+    mode "table" (default when the table fits `table_max_bytes`): per-leaf contributions for
+    every hot/cold pattern, filled once here by the same C code; "recursive": Algorithm 2 per
+    row. Both are tested against xgboost. Thread safe (the table is read-only after __init__),
+    GIL released."""
+
+    def __init__(self, library: CachedLibrary, *, table_max_bytes: int = SHAP_TABLE_MAX_BYTES) -> None:
         self.library = library
         self._lib = library.lib
         _bind(self._lib)
         self.num_features = int(self._lib.num_features())
+        n = int(self._lib.shap_table_floats())
+        self.table_bytes = 4 * n
+        self.table: np.ndarray | None = None
+        if self.table_bytes <= table_max_bytes:
+            self.table = np.empty(max(n, 1), np.float32)
+            self._lib.shap_fill_table(self.table.ctypes.data_as(_F32P))
+            self.table.flags.writeable = False
+        self.mode = "table" if self.table is not None else "recursive"
 
     def contributions(self, rows: np.ndarray) -> np.ndarray:
         x = _as_rows(rows, self.num_features)
         out = np.empty((x.shape[0], self.num_features + 1), np.float64)
         if x.shape[0]:
-            rc = self._lib.shap(x.ctypes.data_as(_F32P), x.shape[0], x.shape[1], out.ctypes.data_as(_F64P))
+            args = (x.ctypes.data_as(_F32P), x.shape[0], x.shape[1], out.ctypes.data_as(_F64P))
+            if self.table is not None:
+                rc = self._lib.shap_tabled(self.table.ctypes.data_as(_F32P), *args)
+            else:
+                rc = self._lib.shap(*args)
             if rc != 0:
                 raise RuntimeError(f"native shap failed (rc={rc})")
         return out
@@ -539,7 +678,8 @@ def _generator_digest() -> str:
 
 def build_native(booster, cache_dirs: Sequence[str | os.PathLike], *, progress: Callable[[str], None] | None = None,
                  block_rows: int = 64, max_padded_depth: int = 8, cflags: Sequence[str] = CFLAGS,
-                 golden: int = 256) -> tuple[NativeTreeStage, NativeExplainer]:
+                 golden: int = 256, shap_table_max_bytes: int = SHAP_TABLE_MAX_BYTES
+                 ) -> tuple[NativeTreeStage, NativeExplainer]:
     """Generate, compile (or load from cache) and verify the native stage + explainer for `booster`.
 
     Steps: parse_model (UnsupportedTreeModel) -> generate_c -> native_cache.build_shared_library
@@ -553,7 +693,7 @@ def build_native(booster, cache_dirs: Sequence[str | os.PathLike], *, progress: 
     lib = build_shared_library(
         "uwrt_trees", lambda: {"trees.c": generate_c(model, block_rows=block_rows, max_padded_depth=max_padded_depth)},
         key_parts, cache_dirs, cflags=cflags, ldflags=("-lm",), progress=progress)
-    stage, explainer = NativeTreeStage(lib), NativeExplainer(lib)
+    stage, explainer = NativeTreeStage(lib), NativeExplainer(lib, table_max_bytes=shap_table_max_bytes)
     if stage.num_features != model.num_features or stage.num_trees != len(model.trees):
         raise NativeParityError(f"library {lib.path} has {stage.num_features} features / {stage.num_trees} trees, "
                                 f"model has {model.num_features} / {len(model.trees)}")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from runtime.tree_native import (NativeParityError, UnsupportedTreeModel, build_native, check_parity, golden_rows,
-                                 parse_model)
+from runtime.tree_native import (NativeExplainer, NativeParityError, UnsupportedTreeModel, build_native, check_parity,
+                                 golden_rows, parse_model)
 
 SPECIALS = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30], np.float32)
 
@@ -74,8 +74,13 @@ def assert_matches_xgboost(b, stage, explainer, x):
 def test_margins_and_shap_match_xgboost(rng, tmp_path, depth, trees, padded):
     b = train(rng, depth=depth, trees=trees)
     stage, explainer = build_native(b, [tmp_path], max_padded_depth=padded, progress=lambda s: None)
-    assert stage.parity["margin_bit_identical"]
-    assert_matches_xgboost(b, stage, explainer, random_rows(rng, 400, 12, thresholds_from=b))
+    assert stage.parity["margin_bit_identical"] and explainer.mode == "table"
+    x = random_rows(rng, 400, 12, thresholds_from=b)
+    assert_matches_xgboost(b, stage, explainer, x)
+    recursive = NativeExplainer(stage.library, table_max_bytes=0)
+    assert recursive.mode == "recursive"
+    assert_matches_xgboost(b, stage, recursive, x)
+    np.testing.assert_allclose(explainer.contributions(x), recursive.contributions(x), atol=2e-6, rtol=0)
 
 
 def test_small_bundle_trees_and_reasons(small_bundle, pipe, traffic, tmp_path):
@@ -107,11 +112,13 @@ def test_batch_invariance_and_input_untouched(rng, tmp_path):
     stage, explainer = build_native(b, [tmp_path], progress=lambda s: None)
     x = random_rows(rng, 150, 12)  # > one 64-row block, ragged tail
     before = x.copy()
-    m, c = stage.predict_margin(x), explainer.contributions(x)
+    recursive = NativeExplainer(stage.library, table_max_bytes=0)
+    m, c, cr = stage.predict_margin(x), explainer.contributions(x), recursive.contributions(x)
     np.testing.assert_array_equal(x, before)  # NaN-aware equality: input not mutated
     for k in rng.choice(150, 12, replace=False):
         np.testing.assert_array_equal(stage.predict_margin(x[k:k + 1]), m[k:k + 1])
         np.testing.assert_array_equal(explainer.contributions(x[k:k + 1]), c[k:k + 1])
+        np.testing.assert_array_equal(recursive.contributions(x[k:k + 1]), cr[k:k + 1])
     perm = rng.permutation(150)
     np.testing.assert_array_equal(stage.predict_margin(x[perm]), m[perm])
     # non-contiguous and float64 input is converted, not rejected; wrong width is
