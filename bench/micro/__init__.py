@@ -1,0 +1,1 @@
+"""pytest-benchmark microbenchmarks (see conftest.py for how to run them)."""
