@@ -229,6 +229,19 @@ class TritonEncoderBackend:
                      B, T, 1e3 * (time.perf_counter() - t0))
         return st
 
+    def reachable_shapes(self) -> list[tuple[int, int]]:
+        """(batch bucket, token bucket) pairs some batch maps to: B in (previous batch bucket, Bb],
+        T in (previous token bucket, Tb], B <= T <= B * max_history (featurize keeps at most
+        max_history tokens per request)."""
+        out = []
+        for i, b in enumerate(self.batch_buckets):
+            b_lo = self.batch_buckets[i - 1] + 1 if i else 1
+            for j, tb in enumerate(self.token_buckets):
+                t_lo = self.token_buckets[j - 1] + 1 if j else 1
+                if tb >= b_lo and t_lo <= b * self.cfg.max_history:
+                    out.append((b, tb))
+        return out
+
     def warmup(self, shapes: list[tuple[int, int]] | None = None) -> dict:
         """Compile the kernels and (on CUDA with cuda_graphs) capture one graph per shape.
 
@@ -236,8 +249,7 @@ class TritonEncoderBackend:
         (batch bucket <= token bucket <= batch bucket * max_history). Returns a summary dict."""
         t0 = time.perf_counter()
         if shapes is None:
-            shapes = [(b, t) for b in self.batch_buckets for t in self.token_buckets
-                      if b <= t and (t == _bucket(b, self.token_buckets) or t // 2 < b * self.cfg.max_history)]
+            shapes = self.reachable_shapes()
         for B, T in shapes:
             if B not in self.batch_buckets or T not in self.token_buckets:
                 raise ValueError(f"warmup shape {(B, T)} is not a (batch bucket, token bucket) pair")
