@@ -26,7 +26,9 @@ histograms (`bench.hist`, <= 0.1% error above 2 ms, exact below).
 Per step: target and achieved rate, completed rate, p50/p90/p99/p99.9/max over successful
 responses (and `p99_all_ms`, where a failed request counts as never answered), errors by gRPC
 status name, the server-side breakdown joined per request from each response's `timing`
-(queue / featurize / encode / trees / policy / total: mean and p99), the mean batch size
+(queue / featurize / encode / trees / policy / total: mean and p99), the share of adverse
+outcomes (DECLINE / COUNTEROFFER, the only ones that compute TreeSHAP reasons) with the mean
+policy_us of adverse vs other responses, the mean batch size
 (GetModelInfo `stats.requests` / `stats.batches` deltas, when the server has them), late sends
 and send lag, and the generator's own CPU per request. A live progress line runs on stderr.
 Output: a table on stdout, `--json` ({meta, steps}) and `--csv` (one row per step) for machines,
@@ -111,6 +113,9 @@ class StepRaw:
         self.lag = Histogram()         # us, actual send - intended send (clamped at 0)
         self.stages = {k: Histogram() for k in STAGES}   # server-side timing per OK response
         self.errors: collections.Counter = collections.Counter()
+        # adverse outcomes (DECLINE / COUNTEROFFER: the only ones that compute TreeSHAP reasons)
+        self.adverse = 0
+        self.policy_us_adverse = self.policy_us_other = 0    # sums of timing.policy_us
         self.scheduled = self.sent = self.unsent = self.late = self.ok = 0
         self.cpu_s = 0.0               # generator CPU (all worker processes)
         self.send_span_s = 0.0         # first intended send -> last actual send (max over workers)
@@ -122,7 +127,7 @@ class StepRaw:
         for k in STAGES:
             self.stages[k].add(o.stages[k])
         self.errors.update(o.errors)
-        for a in ("scheduled", "sent", "unsent", "late", "ok"):
+        for a in ("scheduled", "sent", "unsent", "late", "ok", "adverse", "policy_us_adverse", "policy_us_other"):
             setattr(self, a, getattr(self, a) + getattr(o, a))
         self.cpu_s += o.cpu_s
         self.wall_s = max(self.wall_s, o.wall_s)
@@ -132,6 +137,8 @@ class StepRaw:
         return dict(lat=self.lat.to_dict(), lag=self.lag.to_dict(),
                     stages={k: h.to_dict() for k, h in self.stages.items()}, errors=dict(self.errors),
                     scheduled=self.scheduled, sent=self.sent, unsent=self.unsent, late=self.late, ok=self.ok,
+                    adverse=self.adverse, policy_us_adverse=self.policy_us_adverse,
+                    policy_us_other=self.policy_us_other,
                     cpu_s=self.cpu_s, wall_s=self.wall_s, send_span_s=self.send_span_s)
 
     @classmethod
@@ -140,7 +147,8 @@ class StepRaw:
         r.lat, r.lag = Histogram.from_dict(d["lat"]), Histogram.from_dict(d["lag"])
         r.stages = {k: Histogram.from_dict(v) for k, v in d["stages"].items()}
         r.errors = collections.Counter(d["errors"])
-        for a in ("scheduled", "sent", "unsent", "late", "ok", "cpu_s", "wall_s", "send_span_s"):
+        for a in ("scheduled", "sent", "unsent", "late", "ok", "cpu_s", "wall_s", "send_span_s", "adverse",
+                  "policy_us_adverse", "policy_us_other"):
             setattr(r, a, d[a])
         return r
 
@@ -172,6 +180,8 @@ class Recorder:
         self.raw.unsent += 1
 
     def on_done(self, t_intended: float, t_done: float, status: str, timing: tuple | None = None) -> None:
+        """timing: the response's (queue, featurize, encode, trees, policy, total) us, optionally
+        followed by an `adverse` flag (outcome DECLINE or COUNTEROFFER)."""
         r = self.raw
         if status == "OK":
             r.ok += 1
@@ -179,6 +189,12 @@ class Recorder:
             if timing is not None:
                 for k, v in zip(STAGES, timing):
                     r.stages[k].record(int(v))
+                if len(timing) > len(STAGES):
+                    if timing[len(STAGES)]:
+                        r.adverse += 1
+                        r.policy_us_adverse += int(timing[4])
+                    else:
+                        r.policy_us_other += int(timing[4])
             if self.live is not None:
                 self.live[self.slot + 1] += 1
         else:
@@ -191,9 +207,13 @@ class Recorder:
 # Transports: call(payload, request_id, timeout_s) -> (status name, timing tuple | None)
 
 
+ADVERSE_OUTCOMES = (2, 3)   # pb.DECLINE, pb.COUNTEROFFER (checked against the stubs in tests)
+
+
 def _timing_of(resp) -> tuple:
     t = resp.timing
-    return (t.queue_us, t.featurize_us, t.encode_us, t.trees_us, t.policy_us, t.total_us)
+    return (t.queue_us, t.featurize_us, t.encode_us, t.trees_us, t.policy_us, t.total_us,
+            resp.outcome in ADVERSE_OUTCOMES)
 
 
 class UnaryTransport:
@@ -638,6 +658,10 @@ def summarize(spec: StepSpec, raw: StepRaw, *, batches: tuple[int, int] | None =
         server_mean_us={k: raw.stages[k].mean() for k in STAGES},
         server_p99_us={k: raw.stages[k].percentile(99) for k in STAGES},
         mean_batch_size=(batches[0] / batches[1]) if batches and batches[1] else None,
+        adverse_share=raw.adverse / raw.ok if raw.ok and raw.stages["total_us"].count else None,
+        policy_us_adverse=raw.policy_us_adverse / raw.adverse if raw.adverse else None,
+        policy_us_other=(raw.policy_us_other / (raw.stages["total_us"].count - raw.adverse)
+                         if raw.stages["total_us"].count > raw.adverse else None),
         client_cpu_pct=100 * raw.cpu_s / raw.wall_s if raw.wall_s else float("nan"),
         client_cpu_us_per_req=1e6 * raw.cpu_s / raw.sent if raw.sent else float("nan"),
         server_cpu_pct=100 * server_cpu_s / raw.wall_s if raw.wall_s else float("nan"),

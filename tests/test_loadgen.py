@@ -156,6 +156,12 @@ def test_open_loop_late_sends_are_charged_from_intended_time_and_flagged():
     assert row["fell_behind"] and row["late_sends"] > n // 2
 
 
+def test_adverse_outcomes_match_the_stubs():
+    assert set(loadgen.ADVERSE_OUTCOMES) == {pb.DECLINE, pb.COUNTEROFFER}
+    from runtime.policy import ADVERSE
+    assert set(loadgen.ADVERSE_OUTCOMES) == set(ADVERSE)
+
+
 def test_schedule_shapes(rng):
     c = schedule(100, 2.0, "constant", rng)
     assert len(c) == 200 and np.allclose(np.diff(c), 0.01)
@@ -224,6 +230,7 @@ def test_short_real_run_writes_json_and_csv(live_server, tmp_path):
         assert 0 < step["p50_ms"] <= step["p99_ms"] <= step["p999_ms"] <= step["max_ms"]
         assert step["mean_batch_size"] is not None and step["mean_batch_size"] >= 1
         assert step["server_mean_us"]["encode_us"] > 0 and step["server_mean_us"]["total_us"] > 0
+        assert 0 <= step["adverse_share"] <= 1
     lines = csv_path.read_text().splitlines()
     assert len(lines) == 3 and "p99_ms" in lines[0] and "server_mean_us.queue_us" in lines[0]
 
