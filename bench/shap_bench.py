@@ -89,7 +89,8 @@ def bench_model(name: str, booster: xgb.Booster, cache_dir: str, args) -> list[d
     x = rng.normal(size=(256, F)).astype(np.float32)
     x[rng.random(x.shape) < 0.1] = np.nan
     rows = [{"model": name, "kind": "build", "seconds": round(build_s, 2), "built": stage.library.built,
-             "trees": stage.num_trees, "features": F, "parity": stage.parity}]
+             "trees": stage.num_trees, "features": F, "parity": stage.parity,
+             "shap_mode": explainer.mode, "shap_table_bytes": explainer.table_bytes}]
     for b in (1, 8, 32, 64, 256):
         xb = x[:b]
         reps = args.repeats if b <= 64 else max(50, args.repeats // 4)
@@ -127,7 +128,8 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=None, help="native build cache (default: a temp dir, i.e. cold build)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="uwrt-shap-bench-")
+    tmp = None if args.cache_dir else tempfile.TemporaryDirectory(prefix="uwrt-shap-bench-")
+    cache_dir = args.cache_dir or tmp.name
     bundle = load_bundle(args.bundle)
     models = [("demo", load_booster(bundle.tree_model_bytes(), nthread=1))]
     if not args.no_synthetic:
@@ -142,11 +144,14 @@ def main() -> int:
     for r in rows:
         if r["kind"] == "build":
             print(f"build {r['model']}: {r['trees']} trees, {r['features']} features, {r['seconds']} s "
-                  f"(compiled: {r['built']}); parity {r['parity']}")
+                  f"(compiled: {r['built']}), SHAP mode {r['shap_mode']} ({r['shap_table_bytes']} B table); "
+                  f"parity {r['parity']}")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    if tmp is not None:
+        tmp.cleanup()
     return 0
 
 

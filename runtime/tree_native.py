@@ -697,6 +697,9 @@ def build_native(booster, cache_dirs: Sequence[str | os.PathLike], *, progress: 
     if stage.num_features != model.num_features or stage.num_trees != len(model.trees):
         raise NativeParityError(f"library {lib.path} has {stage.num_features} features / {stage.num_trees} trees, "
                                 f"model has {model.num_features} / {len(model.trees)}")
+    progress(f"native TreeSHAP mode {explainer.mode!r} (pattern table {explainer.table_bytes / 2**20:.1f} MiB, "
+             f"cap {shap_table_max_bytes / 2**20:.0f} MiB)")
+    stage.parity = None
     if golden:
         stage.parity = check_parity(booster, stage, explainer, golden_rows(model, golden))
         progress(f"native trees verified against xgboost on {golden} golden rows: {stage.parity}")
