@@ -105,6 +105,12 @@ def run_server(name: str, args, rates: list[float]) -> dict:
     srv = ServerProcess(name, cmd, args.start_timeout_s)
     start_s = time.monotonic() - t_start
     print(f"   ready on {srv.target} after {start_s:.0f}s", flush=True)
+    try:
+        import asyncio
+        server_settings = {k: v for k, v in (asyncio.run(loadgen._probe(srv.target, ())) or {}).items()
+                           if not k.startswith("stats.")}
+    except ConnectionError:
+        server_settings = {}
     base = StepSpec(rate=rates[0], duration_s=args.duration, arrivals=args.arrivals, timeout_s=args.timeout_ms / 1e3,
                     seed=args.seed)
     src_args = dict(kind="gen", pool=args.pool, seed=args.seed)
@@ -165,7 +171,7 @@ def run_server(name: str, args, rates: list[float]) -> dict:
         print(f"   {name} stopped (exit {code})", flush=True)
     common = next((r for r in rows if r["target_rps"] == args.common_rate), None)
     return dict(name=name, command=srv.cmd, target=srv.target, start_s=start_s, exit_code=code,
-                settings=srv.settings_line, rows=rows, max_rate=loadgen.max_rate_meeting(rows, limit), common=common)
+                settings=srv.settings_line, server_settings=server_settings, rows=rows, max_rate=loadgen.max_rate_meeting(rows, limit), common=common)
 
 
 def _num(v) -> float:

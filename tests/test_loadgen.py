@@ -312,3 +312,53 @@ def test_naive_server_answers_like_the_pipeline(pipe, traffic):
         ch.close()
     finally:
         server.stop(0)
+
+
+# ---- compare, plot and the Ray peer (subprocess servers) -------------------------------------------------
+
+@pytest.mark.slow
+def test_compare_runs_a_server_subprocess_and_writes_the_table(small_bundle, tmp_path):
+    from bench import compare
+    out = tmp_path / "cmp"
+    rc = compare.main(["--servers", "naive", "--bundle", str(small_bundle), "--rates", "20,40", "--duration", "0.7",
+                       "--warmup", "0.3", "--common-rate", "40", "--refine", "0", "--pool", "30", "--out", str(out),
+                       "--quiet", "--start-timeout-s", "120"])
+    assert rc == 0
+    doc = json.loads((out / "compare.json").read_text())
+    (srv,) = doc["servers"]
+    assert srv["name"] == "naive" and srv["exit_code"] == 0 and len(srv["rows"]) == 2
+    assert srv["common"]["target_rps"] == 40 and srv["server_settings"]["server"].startswith("bench.naive_server")
+    assert all(REQUIRED_KEYS <= set(r) for r in srv["rows"])
+    md = (out / "compare.md").read_text()
+    assert "| naive |" in md and "max rate at p99 <= 10 ms" in md
+    assert (out / "compare.csv").read_text().startswith("server,max_rate_at_limit")
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.plot import plot_latency_vs_rate
+    rows = [dict(target_rps=r, p50_ms=r / 100, p99_ms=r / 50, p99_all_ms=(r / 50 if r < 400 else math.inf),
+                 fell_behind=r == 300) for r in (100, 200, 300, 400)]
+    path = plot_latency_vs_rate({"a": rows, "b": rows[:2]}, str(tmp_path / "p.png"))
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.slow
+def test_ray_peer_answers_like_the_pipeline(small_bundle, pipe, traffic):
+    pytest.importorskip("ray.serve")
+    from bench.compare import ServerProcess, server_command
+    srv = ServerProcess("ray", server_command("ray", str(small_bundle), ""), 300)
+    try:
+        ch = grpc.insecure_channel(srv.target)
+        stub = pb_grpc.UnderwritingStub(ch)
+        reqs = list(traffic[:12])
+        for r, o in zip(reqs, pipe.decide(reqs)):
+            g = stub.Decide(r, timeout=30)
+            assert g.request_id == o.request_id and g.outcome == o.outcome
+            assert g.probability_of_default == pytest.approx(o.probability_of_default, abs=1e-6)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        assert int(info.settings["stats.requests"]) >= 12
+        ch.close()
+    finally:
+        assert srv.stop() == 0
