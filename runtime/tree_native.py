@@ -221,7 +221,11 @@ static inline int go_right(float v, float thr, int32_t fi) {
 
 static float base_margin(void) {
 #if LINK_LOGIT
-  return -logf(1.0f / BASE_SCORE - 1.0f);
+  /* xgboost: -log(1/p - 1) in float with the C library's logf at run time. volatile stops gcc
+     from folding it with MPFR (correctly rounded), which differs from glibc's logf by 1 ulp for
+     ~1% of base scores and would break bit-identical margins. */
+  volatile float p = BASE_SCORE;
+  return -logf(1.0f / p - 1.0f);
 #else
   return BASE_SCORE;
 #endif
