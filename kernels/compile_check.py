@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant for real GPU targets on a machine with no GPU.
 
-    python -m kernels.compile_check [--arch 80,90] [--only SUBSTRING] [--full] [--fresh] [--ptxas-info]
+    python -m kernels.compile_check [--arch 80,90] [--only SUBSTRING] [--full] [--jobs N] [--fresh] [--ptxas-info]
 
 The interpreter (TRITON_INTERPRET=1, what the tests use without a GPU) accepts code the GPU
 compiler rejects (e.g. `tl.dot` tiles under 16, layout or shared-memory limits). This compiles
@@ -28,7 +28,9 @@ Thread safety: a command-line tool; not meant to be imported by serving code.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -109,11 +111,46 @@ def ptxas_info(ptx: str, arch: int) -> str:
     return "; ".join(lines) if r.returncode == 0 else f"ptxas -v failed: {r.stderr.strip()[-200:]}"
 
 
+def _compile_job(variants, i: int, arch: int, want_ptxas_info: bool) -> tuple[bool, str]:
+    """Compile variants[i] for sm_<arch>; returns (ok, report lines)."""
+    fn, sig, const, label, opts = variants[i]
+    t0 = time.perf_counter()
+    try:
+        k = compile_one(fn, sig, const, opts, arch)
+    except Exception as e:  # noqa: BLE001 -- report every variant, then fail
+        msg = str(e).strip()
+        return False, (f"FAIL sm_{arch} {time.perf_counter() - t0:6.2f}s  {label}: {type(e).__name__}: "
+                       f"{msg.splitlines()[-1] if msg else ''}\n" + traceback.format_exc(limit=3))
+    md = k.metadata
+    stages = "+".join(s for s in ("ptx", "cubin") if s in k.asm)
+    text = (f"ok   sm_{arch} {time.perf_counter() - t0:6.2f}s  {label}  "
+            f"[warps={md.num_warps} smem={md.shared}B {stages}]")
+    if "cubin" not in k.asm:
+        text += f"\n     note: no cubin for {label} (ptxas missing?)"
+    if want_ptxas_info and "ptx" in k.asm:
+        text += f"\n     {ptxas_info(k.asm['ptx'], arch)}"
+    return True, text
+
+
+_WORKER_VARIANTS: list = []
+
+
+def _worker_init(full: bool, only: str) -> None:
+    variants, _ = collect(full=full)
+    _WORKER_VARIANTS[:] = [v for v in variants if only in v[3]]
+
+
+def _worker_job(job: tuple[int, int], want_ptxas_info: bool) -> tuple[bool, str]:
+    return _compile_job(_WORKER_VARIANTS, job[0], job[1], want_ptxas_info)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
     ap.add_argument("--only", default="", help="compile only variants whose label contains this")
     ap.add_argument("--full", action="store_true", help="also compile each module's COMPILE_VARIANTS_EXTRA")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                    help="compile in this many worker processes (default min(4, CPUs))")
     ap.add_argument("--fresh", action="store_true", help="compile into an empty cache (no cache hits)")
     ap.add_argument("--ptxas-info", action="store_true",
                     help="re-run ptxas -v on each PTX and print registers / spills per thread")
@@ -137,24 +174,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     failures = 0
     t_all = time.perf_counter()
-    for fn, sig, const, label, opts in variants:
-        for arch in archs:
-            t0 = time.perf_counter()
-            try:
-                k = compile_one(fn, sig, const, opts, arch)
-                md = k.metadata
-                stages = "+".join(s for s in ("ptx", "cubin") if s in k.asm)
-                print(f"ok   sm_{arch} {time.perf_counter() - t0:6.2f}s  {label}  "
-                      f"[warps={md.num_warps} smem={md.shared}B {stages}]", flush=True)
-                if "cubin" not in k.asm:
-                    print(f"     note: no cubin for {label} (ptxas missing?)")
-                if args.ptxas_info and "ptx" in k.asm:
-                    print(f"     {ptxas_info(k.asm['ptx'], arch)}")
-            except Exception as e:  # noqa: BLE001 -- report every variant, then fail
-                failures += 1
-                print(f"FAIL sm_{arch} {time.perf_counter() - t0:6.2f}s  {label}: {type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}", flush=True)
-                traceback.print_exc(limit=3)
+    jobs = [(i, arch) for i in range(len(variants)) for arch in archs]
+    n_procs = max(1, min(args.jobs, len(jobs)))
+    if n_procs == 1:
+        results = (_compile_job(variants, i, arch, args.ptxas_info) for i, arch in jobs)
+    else:
+        # spawn (not fork): torch/triton may hold threads; each worker imports the modules itself
+        pool = concurrent.futures.ProcessPoolExecutor(
+            n_procs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+            initargs=(args.full, args.only))
+        results = pool.map(_worker_job, jobs, [args.ptxas_info] * len(jobs))
+    for ok, text in results:
+        failures += not ok
+        print(text, flush=True)
     n = len(variants) * len(archs)
     print(f"{n - failures}/{n} compiled in {time.perf_counter() - t_all:.1f}s")
     return 1 if failures else 0
