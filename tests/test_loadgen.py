@@ -235,6 +235,19 @@ def test_short_real_run_writes_json_and_csv(live_server, tmp_path):
     assert len(lines) == 3 and "p99_ms" in lines[0] and "server_mean_us.queue_us" in lines[0]
 
 
+def test_jsonl_input(live_server, traffic, tmp_path):
+    from runtime.jsonl import write_jsonl
+    path = tmp_path / "reqs.jsonl"
+    with open(path, "w") as fh:
+        write_jsonl(traffic[:5], fh)
+    out = tmp_path / "j.json"
+    assert loadgen.main(["--target", live_server.target, "--rate", "20", "--duration", "0.5", "--warmup", "0",
+                         "--input", str(path), "--json", str(out), "--quiet"]) == 0
+    step = json.loads(out.read_text())["steps"][0]
+    assert step["errors"] == {} and step["completed"] == step["sent"] > 0
+    assert loadgen.main(["--target", live_server.target, "--rate", "5", "--input", str(tmp_path / "missing.jsonl")]) == 2
+
+
 def test_stream_and_closed_loop_against_real_server(live_server, traffic):
     src = RequestSource(list(traffic[:40]))
     row = loadgen.run_step(live_server.target, StepSpec(rate=30, duration_s=1.0, rpc="stream", tag="st"), src)
