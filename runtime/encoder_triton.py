@@ -57,19 +57,30 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     return None
 
 
+def _align(n: int, a: int = 16) -> int:
+    return (n + a - 1) // a * a
+
+
 @dataclass
 class _Static:
-    """Static device buffers, pinned staging and (on CUDA) the captured graph for one shape."""
+    """Static buffers for one (batch bucket B, token bucket T) shape, and (on CUDA) its graph.
+
+    Inputs live in ONE byte buffer per side (pinned host `hbuf`, device `dbuf`, same layout:
+    type_ids int64 [T] | mcc_ids int64 [T] | numeric f32 [T, n_numeric] | cu_seqlens int32 [B+1]),
+    so each encode uploads with a single non-blocking copy. `n_*` are numpy views of the host side
+    (cheap fills), `type_ids`/`mcc_ids`/`numeric`/`cu` typed views of the device side."""
     B: int
     T: int
+    hbuf: torch.Tensor
+    dbuf: torch.Tensor
+    n_type: np.ndarray
+    n_mcc: np.ndarray
+    n_num: np.ndarray
+    n_cu: np.ndarray
     type_ids: torch.Tensor
     mcc_ids: torch.Tensor
     numeric: torch.Tensor
     cu: torch.Tensor
-    h_type: torch.Tensor
-    h_mcc: torch.Tensor
-    h_num: torch.Tensor
-    h_cu: torch.Tensor
     out: torch.Tensor | None = None
     h_out: torch.Tensor | None = None
     graph: "torch.cuda.CUDAGraph | None" = None
@@ -156,39 +167,39 @@ class TritonEncoderBackend:
     def _new_static(self, B: int, T: int) -> _Static:
         dev, pin = self.device, self.device.type == "cuda"
         n_num = self.cfg.n_numeric
+        o_mcc = _align(8 * T)
+        o_num = o_mcc + _align(8 * T)
+        o_cu = o_num + _align(4 * T * n_num)
+        total = o_cu + _align(4 * (B + 1))
+        hbuf = torch.zeros(total, dtype=torch.uint8, pin_memory=pin)
+        dbuf = torch.zeros(total, dtype=torch.uint8, device=dev)
 
-        def host(*shape, dtype):
-            return torch.zeros(*shape, dtype=dtype, pin_memory=pin)
+        def views(buf):
+            return (buf[:8 * T].view(torch.int64), buf[o_mcc:o_mcc + 8 * T].view(torch.int64),
+                    buf[o_num:o_num + 4 * T * n_num].view(torch.float32).view(T, n_num),
+                    buf[o_cu:o_cu + 4 * (B + 1)].view(torch.int32))
 
-        st = _Static(B, T,
-                     torch.zeros(T, dtype=torch.int64, device=dev), torch.zeros(T, dtype=torch.int64, device=dev),
-                     torch.zeros(T, n_num, dtype=torch.float32, device=dev), torch.zeros(B + 1, dtype=torch.int32, device=dev),
-                     host(T, dtype=torch.int64), host(T, dtype=torch.int64), host(T, n_num, dtype=torch.float32),
-                     host(B + 1, dtype=torch.int32))
+        st = _Static(B, T, hbuf, dbuf, *(v.numpy() for v in views(hbuf)), *views(dbuf))
         if pin:
-            st.h_out = host(B, self.cfg.emb_dim, dtype=torch.float32)
+            st.h_out = torch.zeros(B, self.cfg.emb_dim, dtype=torch.float32, pin_memory=True)
         return st
 
     def _stage(self, st: _Static, ev: PackedEvents) -> np.ndarray:
-        """Fill the staging buffers from `ev` (padded to st.B segments / st.T rows); returns host cu."""
+        """Fill the host staging buffer from `ev` (padded to st.B segments / st.T rows); returns host cu."""
         B, T = ev.batch_size, ev.n_tokens
-        st.h_type[:T].copy_(torch.from_numpy(ev.type_ids))
-        st.h_type[T:] = 0
-        st.h_mcc[:T].copy_(torch.from_numpy(ev.mcc_ids))
-        st.h_mcc[T:] = 0
-        st.h_num[:T].copy_(torch.from_numpy(ev.numeric))
-        st.h_num[T:] = 0
-        cu = np.full(st.B + 1, T, dtype=np.int32)
-        cu[: B + 1] = ev.cu_seqlens
-        st.h_cu.copy_(torch.from_numpy(cu))
-        return cu
+        st.n_type[:T] = ev.type_ids
+        st.n_type[T:] = 0
+        st.n_mcc[:T] = ev.mcc_ids
+        st.n_mcc[T:] = 0
+        st.n_num[:T] = ev.numeric
+        st.n_num[T:] = 0
+        st.n_cu[: B + 1] = ev.cu_seqlens
+        st.n_cu[B + 1:] = T                                  # empty trailing segments
+        return st.n_cu.copy()
 
     def _upload(self, st: _Static) -> None:
-        nb = self.device.type == "cuda"      # pinned staging: asynchronous H2D copies, no sync
-        st.type_ids.copy_(st.h_type, non_blocking=nb)
-        st.mcc_ids.copy_(st.h_mcc, non_blocking=nb)
-        st.numeric.copy_(st.h_num, non_blocking=nb)
-        st.cu.copy_(st.h_cu, non_blocking=nb)
+        # Pinned staging: one asynchronous H2D copy, no sync (ordered before the replay on this stream).
+        st.dbuf.copy_(st.hbuf, non_blocking=self.device.type == "cuda")
 
     def _capture(self, st: _Static) -> None:
         """Warm the kernels for this shape (Triton compiles on first launch), then capture a graph."""
@@ -197,10 +208,10 @@ class TritonEncoderBackend:
         cu = np.zeros(st.B + 1, np.int32)
         cu[1:] = np.minimum(np.cumsum(lens), st.T)
         rng = np.random.default_rng(0)
-        st.h_type.copy_(torch.from_numpy(rng.integers(0, self.cfg.n_event_types, st.T)))
-        st.h_mcc.copy_(torch.from_numpy(rng.integers(0, self.cfg.mcc_buckets, st.T)))
-        st.h_num.copy_(torch.from_numpy(rng.normal(size=(st.T, self.cfg.n_numeric)).astype(np.float32)))
-        st.h_cu.copy_(torch.from_numpy(cu))
+        st.n_type[:] = rng.integers(0, self.cfg.n_event_types, st.T)
+        st.n_mcc[:] = rng.integers(0, self.cfg.mcc_buckets, st.T)
+        st.n_num[:] = rng.normal(size=(st.T, self.cfg.n_numeric))
+        st.n_cu[:] = cu
         self._upload(st)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
