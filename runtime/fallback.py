@@ -71,7 +71,11 @@ class FallbackEncoder:
             out["degraded"] = self._degraded
             out["last_error"] = self._last_error
             out["primary"], out["fallback"] = self.primary.name, self.fallback.name
-            return out
+        for key, be in (("primary_stats", self.primary), ("fallback_stats", self.fallback)):
+            st = getattr(be, "stats", None)
+            if callable(st):
+                out[key] = st()
+        return out
 
     def _count(self, key: str) -> None:
         with self._lock:

@@ -67,7 +67,8 @@ def _triton_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderB
 
 
 def _batch_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """Powers of two up to max_batch_size, and max_batch_size itself (CUDA-graph batch buckets)."""
+    """Powers of two below max_batch_size, then max_batch_size (CUDA-graph batch buckets: no
+    graph is captured for a batch the batcher never forms)."""
     out, n = [], 1
     while n < max_batch_size:
         out.append(n)
@@ -76,10 +77,15 @@ def _batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 
 
 def _token_buckets(max_history: int, b) -> tuple[int, ...]:
-    """Token capacities the batcher can form: each length bucket's edge times the batch cap,
-    capped by max_batch_tokens (CUDA-graph token buckets)."""
-    caps = {min(b.max_batch_tokens, min(L, max_history) * b.max_batch_size) for L in (*b.length_buckets, max_history)}
-    return tuple(sorted(caps | {max_history}))
+    """Powers of two from 16 below the most tokens a batch can hold, then that cap
+    (min(max_batch_tokens, max_batch_size * max_history), at least max_history: a request
+    longer than max_batch_tokens is dispatched alone)."""
+    cap = max(max_history, min(b.max_batch_tokens, b.max_batch_size * max_history))
+    out, n = [], 16
+    while n < cap:
+        out.append(n)
+        n *= 2
+    return tuple(out + [cap])
 
 
 #: Encoder backends by name (RuntimeConfig.encoder_backend): factory(bundle, config, device).

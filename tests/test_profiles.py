@@ -181,7 +181,8 @@ def test_gpu_profile_wiring_with_a_fake_device(small_bundle, traffic, monkeypatc
     assert isinstance(pipe.encoder, FallbackEncoder) and pipe.encoder.fallback.name == "onnx"
     (gpu,) = FakeTriton.instances
     assert gpu.device == "cuda" and gpu.batch_buckets[-1] == 8 and gpu.batch_buckets[0] == 1
-    assert max(gpu.token_buckets) <= 1024 and pipe.bundle.encoder_config.max_history in gpu.token_buckets
+    mh = pipe.bundle.encoder_config.max_history
+    assert gpu.token_buckets[0] == 16 and gpu.token_buckets[-1] == max(mh, min(1024, 8 * mh))
     reqs = _reqs(traffic, 10, "g")
 
     def inject():
