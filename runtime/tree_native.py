@@ -450,7 +450,14 @@ int shap_tabled(const float* table, const float* rows, int n_rows, int n_feature
 
 
 def generate_c(model: NativeModel, *, block_rows: int = 64, max_padded_depth: int = 8, walk_levels: bool = True) -> str:
-    """The complete C source for `model` (deterministic: same model and options, same text)."""
+    """The complete C source for `model` (deterministic: same model and options, same text).
+
+    block_rows: rows per tree-major block; max_padded_depth: deeper trees are walked node by
+    node instead of padded (a padded tree has 2^D leaves); walk_levels: step the block's rows
+    level by level (True) or finish one row's walk before the next."""
+    if not 0 <= max_padded_depth <= 16 or not 1 <= block_rows <= 4096:
+        raise ValueError(f"max_padded_depth must be in [0, 16] and block_rows in [1, 4096], "
+                         f"got {max_padded_depth}, {block_rows}")
     depths = [t.depth() for t in model.trees]
     p_nodes, p_leaves, t_pnode, t_pleaf, t_depth, t_root = [], [], [], [], [], []
     s_left, s_right, s_fi, s_thr, s_cover = [], [], [], [], []
