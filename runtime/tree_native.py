@@ -420,11 +420,14 @@ int shap_fill_table(float* table) {
 int shap_tabled(const float* table, const float* rows, int n_rows, int n_features, double* out) {
   if (n_features != NF || n_rows < 0) return -1;
   unsigned char dir[MAXNODES];
-  for (int r = 0; r < n_rows; ++r) {
-    const float* x = rows + (size_t)r * NF;
-    double* phi = out + (size_t)r * (NF + 1);
-    for (int i = 0; i < NF; ++i) phi[i] = 0.0;
-    for (int t = 0; t < NT; ++t) {
+  for (int r = 0; r < n_rows; ++r)
+    for (int i = 0; i < NF; ++i) out[(size_t)r * (NF + 1) + i] = 0.0;
+  /* tree-major: a tree's slice of the table stays in cache for every row of the batch; each
+     row still adds its trees in tree order, so results do not depend on the batch */
+  for (int t = 0; t < NT; ++t) {
+    for (int r = 0; r < n_rows; ++r) {
+      const float* x = rows + (size_t)r * NF;
+      double* phi = out + (size_t)r * (NF + 1);
       const int n0 = T_ROOT[t], nn = T_NNODES[t];
       for (int i = 0; i < nn; ++i) {  /* leaves compute a harmless dummy */
         const int32_t fi = S_FI[n0 + i];
@@ -442,8 +445,8 @@ int shap_tabled(const float* table, const float* rows, int n_rows, int n_feature
         for (int e = 0; e < k; ++e) phi[ef[e]] += (double)tv[e];
       }
     }
-    phi[NF] = (double)base_margin() + SHAP_TREE_MEANS;
   }
+  for (int r = 0; r < n_rows; ++r) out[(size_t)r * (NF + 1) + NF] = (double)base_margin() + SHAP_TREE_MEANS;
   return 0;
 }
 """
