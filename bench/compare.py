@@ -8,7 +8,7 @@ Each server is started as a subprocess, one at a time (`uwrt serve --port 0`,
 "... serving on HOST:PORT" line (each prints it only once warm and answering), then driven by
 the load generator (bench.loadgen: open loop, Poisson arrivals by default, unary Decide, latency
 from the intended send time, warm-up first) through the same rates, then stopped with SIGTERM.
-A server whose step already failed badly (p99 counting failures > `--give-up-factor` x the
+A server whose last two steps failed badly (p99 counting failures > `--give-up-factor` x the
 limit) skips the higher rates of the sweep, except the common rate, which every server runs.
 After the sweep the boundary between the highest passing and the lowest failing rate is
 bisected `--refine` times.
@@ -123,7 +123,7 @@ def run_server(name: str, args, rates: list[float]) -> dict:
         print(loadgen.format_row(r), flush=True)
 
     try:
-        give_up = False
+        give_up, bad_in_a_row = False, 0
         plan = sorted(set(rates) | {args.common_rate})
         # one sweep call per rate keeps the warm-up once and lets us stop early
         pool = loadgen.WorkerPool(args.procs, srv.target, src_args) if args.procs > 1 else None
@@ -150,8 +150,8 @@ def run_server(name: str, args, rates: list[float]) -> dict:
                 if give_up and rate != args.common_rate:
                     continue
                 r = step(rate)
-                if _num(r["p99_all_ms"]) > args.give_up_factor * limit:
-                    give_up = True
+                bad_in_a_row = bad_in_a_row + 1 if _num(r["p99_all_ms"]) > args.give_up_factor * limit else 0
+                give_up = bad_in_a_row >= 2
             # bisect between the highest passing and the lowest failing rate
             for _ in range(args.refine):
                 ok = [r["target_rps"] for r in rows if r["meets_limit"]]
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pause", type=float, default=0.5)
     ap.add_argument("--refine", type=int, default=2, help="bisection steps at the p99 boundary (default 2)")
     ap.add_argument("--give-up-factor", type=float, default=10.0,
-                    help="skip higher rates once p99 exceeds this many times the limit (default 10)")
+                    help="skip higher rates after two steps whose p99 exceeds this many times the limit (default 10)")
     ap.add_argument("--p99-limit-ms", type=float, default=10.0)
     ap.add_argument("--arrivals", choices=["poisson", "constant"], default="poisson")
     ap.add_argument("--timeout-ms", type=float, default=1000.0)
