@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 from kernels import dispatch
 from kernels.epilogue import pool_segments, pool_segments_reference
@@ -228,3 +229,20 @@ def test_dispatch_attention_and_block_paths_agree(rng, fresh_stats):
     xn_pt, h_pt = dispatch.attn_block(qkv, x, w_out, b_out, lw, lb, 1e-5, cu_d, cu, impl="torch", **kw)
     close(xn_tr, xn_pt, 1e-5)
     close(h_tr, h_pt, 1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(lens=st.lists(st.integers(0, 40), min_size=1, max_size=6), pad=st.integers(0, 20), seed=st.integers(0, 2**31))
+def test_pool_segments_random_lengths(lens, pad, seed):
+    """Random segment lengths (empty ones included) and padding rows: kernel == reference."""
+    r = np.random.default_rng(seed)
+    cu = np.zeros(len(lens) + 1, np.int32)
+    cu[1:] = np.cumsum(lens)
+    T = int(cu[-1]) + pad
+    if T == 0:
+        return
+    d = 32
+    x = t(r.normal(scale=2.0, size=(T, d)))
+    lw, lb = t(1 + 0.2 * r.normal(size=d)), t(0.2 * r.normal(size=d))
+    got = pool_segments(x, lw, lb, 1e-5, torch.from_numpy(cu).to(DEV))
+    close(got, pool_segments_reference(x, lw, lb, 1e-5, cu), 2e-5)
