@@ -65,6 +65,11 @@ def _locate(cu_ptr, n_seqs, n_tokens, pid, SLOT: tl.constexpr, B_PAD: tl.constex
     nxt = tl.sum(tl.where(idx == s + 1, cu, 0), axis=0)
     end = tl.where(s < n_seqs, nxt, n_tokens)
     j = pid - (start // SLOT + s)
+    # Valid cu_seqlens never need these clamps; they keep a malformed one (decreasing, past T)
+    # from ever reading or writing outside [0, T) (a fault would poison a CUDA graph's context).
+    start = tl.minimum(tl.maximum(start, 0), n_tokens)
+    end = tl.minimum(tl.maximum(end, start), n_tokens)
+    j = tl.maximum(j, 0)
     return s, start, end, j
 
 
@@ -206,6 +211,17 @@ def check_inputs(qkv: torch.Tensor, cu_seqlens: torch.Tensor, n_heads: int, head
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
     if qkv.shape[0] >= 2**31 // (3 * n_heads * head_dim) or cu_seqlens.shape[0] > 2**20:
         raise ValueError("too many tokens/segments for int32 indexing")
+
+
+def check_cu_seqlens_host(cu_host, n_tokens: int) -> None:
+    """Raise ValueError unless a host cu_seqlens is valid for T = n_tokens rows: cu[0] == 0,
+    non-decreasing, cu[B] <= T, B >= 1. For callers holding the host copy (the kernels cannot
+    check the device copy without a sync; they clamp instead of faulting on a malformed one)."""
+    cu = np.asarray(cu_host)
+    if cu.ndim != 1 or cu.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have B+1 >= 2 entries, got shape {cu.shape}")
+    if cu[0] != 0 or (np.diff(cu) < 0).any() or cu[-1] > n_tokens:
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end <= {n_tokens}: {cu[:8]}...")
 
 
 def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, *, n_heads: int, head_dim: int, max_seqlen: int,

@@ -176,3 +176,20 @@ def test_grid_is_a_function_of_host_sizes():
         T = sum(lens) + 17
         need = sum(-(-n // A.BLOCK_S) for n in lens) + (-(-17 // A.BLOCK_S))
         assert A.grid_size(T, len(lens)) >= need
+
+
+def test_malformed_cu_seqlens_stays_in_bounds(rng):
+    """A decreasing / past-the-end cu_seqlens gives wrong numbers but never touches rows outside
+    [0, T) (the output buffer's guard rows around the view stay intact); the host check rejects it."""
+    H, Dh, T = 2, 16, 40
+    qkv = torch.tensor(rng.normal(size=(T, 3 * H * Dh)), dtype=torch.float32, device=DEV)
+    backing = torch.full((T + 64, H * Dh), 7.0, device=DEV)
+    out = backing[32:32 + T]
+    for cu in ([0, 30, 10, 55], [0, 70], [5, 20]):
+        with pytest.raises(ValueError):
+            A.check_cu_seqlens_host(np.array(cu), T)
+        A.attention(qkv, torch.tensor(cu, dtype=torch.int32, device=DEV), n_heads=H, head_dim=Dh, max_seqlen=70,
+                    out=out)
+        assert torch.equal(backing[:32], torch.full_like(backing[:32], 7.0))
+        assert torch.equal(backing[32 + T:], torch.full_like(backing[32 + T:], 7.0))
+    A.check_cu_seqlens_host(np.array([0, 3, 3, 40]), T)
