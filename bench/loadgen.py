@@ -161,6 +161,7 @@ class Recorder:
 
     def __init__(self, live: Any = None, slot: int = 0) -> None:
         self.raw = StepRaw()
+        self.t0: float | None = None   # the step's start (clock()), once known
         self.last_send = None          # clock() of the latest actual send
         self.live = live               # optional shared int array [sent, ok, err] * workers (progress)
         self.slot = 3 * slot
@@ -400,9 +401,11 @@ def proc_cpu_s(pid: int) -> float:
         return float("nan")
 
 
-async def _run_step_async(target: str, spec: StepSpec, source, t0: float, *, share: float = 1.0,
+async def _run_step_async(target: str, spec: StepSpec, source, t0: float | None, *, share: float = 1.0,
                           phase: float = 0.0, worker: int = 0, metadata: tuple = (), live: Any = None,
                           channel: grpc.aio.Channel | None = None, rec: Recorder | None = None) -> StepRaw:
+    """One process's part of a step. t0 (clock()): the shared start (worker processes); None =
+    start as soon as this process has built its payloads (single process)."""
     rec = rec or Recorder(live, worker)
     # The ticker thread must get the GIL back promptly when its sleep ends; the default 5 ms
     # switch interval would make sends late whenever the loop is busy parsing responses.
@@ -424,6 +427,7 @@ async def _run_step_async(target: str, spec: StepSpec, source, t0: float, *, sha
             await transport.start()
             gc.collect()
             c0 = _cpu_s()
+            t0 = rec.t0 = clock() + 0.02 if t0 is None else t0
             conc = max(1, round(spec.concurrency * share))
             await drive_closed(transport, make, conc, t0, spec.duration_s, spec.timeout_s, rec)
         else:
@@ -439,9 +443,12 @@ async def _run_step_async(target: str, spec: StepSpec, source, t0: float, *, sha
             gc.collect()
             gc.freeze()             # the payloads are long-lived: keep the collector off them
             c0 = _cpu_s()
-            if len(offs):
-                await drive_open(transport, payloads, rids, offs, t0, spec.timeout_s, rec)
-            gc.unfreeze()
+            t0 = rec.t0 = clock() + 0.02 if t0 is None else t0
+            try:
+                if len(offs):
+                    await drive_open(transport, payloads, rids, offs, t0, spec.timeout_s, rec)
+            finally:
+                gc.unfreeze()
         await transport.close()
         rec.raw.cpu_s = _cpu_s() - c0
         rec.raw.wall_s = clock() - t0
@@ -585,19 +592,19 @@ async def _run_step_here(target: str, spec: StepSpec, source, progress: Progress
     async with grpc.aio.insecure_channel(target) as ch:
         before = _batch_counts(await _info(ch, metadata)) if spec.rpc in ("decide", "stream") else None
         s0 = proc_cpu_s(server_pid) if server_pid else float("nan")
-        prep = 0.3 + (spec.rate or 0) * spec.duration_s / 200_000     # time to build payloads first
-        t0 = clock() + prep + (1.0 if pool else 0.0)
         if pool is None:
             rec = Recorder()
-            task = asyncio.create_task(_run_step_async(target, spec, source, t0, metadata=metadata, channel=ch,
+            task = asyncio.create_task(_run_step_async(target, spec, source, None, metadata=metadata, channel=ch,
                                                        rec=rec))
             while not task.done():
                 await asyncio.wait({task}, timeout=0.5)
-                if clock() > t0 and not task.done():
+                if rec.t0 is not None and clock() > rec.t0 and not task.done():
                     r = rec.raw
-                    progress.show(t0, r.sent, r.ok, sum(r.errors.values()), r.lat)
+                    progress.show(rec.t0, r.sent, r.ok, sum(r.errors.values()), r.lat)
             raw = task.result()
         else:
+            # a shared start, late enough for every worker to build its payloads (~10-30 us each)
+            t0 = clock() + 1.0 + 60e-6 * (spec.rate or 0) * spec.duration_s / pool.k
             loop = asyncio.get_running_loop()
             fut = loop.run_in_executor(None, pool.run, spec, t0)
             while not fut.done():
