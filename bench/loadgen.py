@@ -74,7 +74,8 @@ DECIDE = "/uwrt.v1.Underwriting/Decide"
 DECIDE_STREAM = "/uwrt.v1.Underwriting/DecideStream"
 INFO = "/uwrt.v1.Underwriting/GetModelInfo"
 HEALTH = "/grpc.health.v1.Health/Check"
-SWITCH_INTERVAL_S = 0.0002     # GIL switch interval in generator processes (default 0.005)
+SWITCH_INTERVAL_S = 0.001      # GIL switch interval in generator processes (Python's default: 0.005);
+                               # 0.0002 / 0.001 / 0.005 measured the same within noise at 1000-1500 rps
 clock = time.monotonic         # CLOCK_MONOTONIC: the same clock in every worker process (Linux)
 
 __all__ = ["StepSpec", "StepRaw", "Recorder", "run_step", "run_sweep", "summarize", "register", "main"]
