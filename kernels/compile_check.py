@@ -42,7 +42,7 @@ import traceback
 MODULES = (
     "kernels.attention",
     "kernels.attn_block",
-    "kernels.ln_qkv", "kernels.mlp", "kernels.epilogue",
+    "kernels.ln_qkv", "kernels.mlp", "kernels.epilogue", "kernels.prologue",
 )
 
 

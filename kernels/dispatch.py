@@ -11,7 +11,7 @@ Every op takes `impl`:
 Triton can run when the tensors are CUDA tensors (compiled kernels) or CPU tensors with
 TRITON_INTERPRET=1 set before the kernel modules were imported (the interpreter; tests).
 
-Ops: ln_linear (LN+QKV, in_proj, pooling head), mlp, attention, attn_block (attention + out-proj +
+Ops: prologue (embedding gathers + concat + in_proj), ln_linear (LN+QKV, pooling head), mlp, attention, attn_block (attention + out-proj +
 residual + LN2), pool_segments (final LN + mean + newest). attention/attn_block come from
 kernels.attention / kernels.attn_block when those modules exist; if kernels.attn_block is missing
 its Triton form is composed from the Triton attention + ln_linear.
@@ -35,13 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import epilogue, ln_qkv as _lnq, mlp as _mlp
+from kernels import epilogue, ln_qkv as _lnq, mlp as _mlp, prologue as _pro
 from kernels.reference import varlen_attention
 
 log = logging.getLogger("uwrt.kernels")
 
 IMPLS = ("auto", "triton", "torch")
-OPS = ("ln_linear", "mlp", "attention", "attn_block", "pool_segments")
+OPS = ("prologue", "ln_linear", "mlp", "attention", "attn_block", "pool_segments")
 
 _lock = threading.Lock()
 _counts: Counter = Counter()
@@ -146,6 +146,13 @@ def reset_stats() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Ops
+
+def prologue(type_ids, mcc_ids, numeric, type_emb, mcc_emb, w, b, *, impl: str = "auto") -> torch.Tensor:
+    """in_proj(cat(type_emb[type_ids], mcc_emb[mcc_ids], numeric)) (kernels.prologue)."""
+    if choose("prologue", impl, type_ids, numeric, w) == "triton":
+        return _pro.prologue(type_ids, mcc_ids, numeric, type_emb, mcc_emb, w, b)
+    return _pro.prologue_reference(type_ids, mcc_ids, numeric, type_emb, mcc_emb, w, b)
+
 
 def ln_linear(x, w, b, ln_w=None, ln_b=None, eps: float = 1e-5, *, impl: str = "auto") -> torch.Tensor:
     """[LayerNorm](x) @ w.T + b (kernels.ln_qkv)."""

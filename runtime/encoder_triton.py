@@ -2,7 +2,7 @@
 from CUDA graphs.
 
 Forward over packed tokens (same math as runtime.encoder.SequenceEncoder):
-  prologue   embedding gathers + concat (torch copies) -> in_proj      (kernels.ln_qkv.ln_linear)
+  prologue   embedding gathers + concat + in_proj                      (kernels.prologue)
   per layer  LN1 + QKV + bias                                          (kernels.ln_qkv)
              attention + out-proj + bias + residual + LN2              (kernels.attn_block)
              fc1 + GELU + fc2 + bias + residual                        (kernels.mlp)
@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kernels import dispatch as K
 from runtime.encoder import check_state_dict
@@ -150,9 +149,8 @@ class TritonEncoderBackend:
         # type_ids, mcc_ids: int64 [T]; numeric: fp32 [T, n_numeric]; cu: int32 [B+1] on device
         cfg, impl, eps = self.cfg, self.impl, self.cfg.ln_eps
         H, Dh, T = cfg.n_heads, cfg.head_dim, type_ids.shape[0]
-        x = torch.cat([F.embedding(type_ids, self.type_emb), F.embedding(mcc_ids, self.mcc_emb),
-                       numeric.to(self.dtype)], dim=1)                                 # [T, in]
-        x = K.ln_linear(x, self.in_w, self.in_b, impl=impl)                            # [T, d]
+        x = K.prologue(type_ids, mcc_ids, numeric, self.type_emb, self.mcc_emb, self.in_w, self.in_b,
+                       impl=impl)                                                      # [T, d]
         for L in self.layers:
             qkv = K.ln_linear(x, L["qkv.weight"], L["qkv.bias"], L["ln1.weight"], L["ln1.bias"], eps, impl=impl)
             x, h = K.attn_block(qkv, x, L["out.weight"], L["out.bias"], L["ln2.weight"], L["ln2.bias"], eps,

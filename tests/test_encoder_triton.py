@@ -123,7 +123,7 @@ def test_auto_without_interpreter_on_cpu_falls_back_and_counts(rng, state, ref, 
     b = TritonEncoderBackend(CFG, state, device="cpu", dtype=torch.float32)
     ev = random_packed([3, 6], rng)
     np.testing.assert_allclose(b.encode(ev), ref.encode(ev), atol=ATOL, rtol=0)
-    assert dispatch.fallbacks() == 3 + 3 * CFG.n_layers     # in_proj, pooling, head linear + 3 per layer
+    assert dispatch.fallbacks() == 3 + 3 * CFG.n_layers     # prologue, pooling, head linear + 3 per layer
     assert b.stats()["dispatch"]["fallback.mlp"] == CFG.n_layers
     with pytest.raises(dispatch.KernelUnavailable):
         TritonEncoderBackend(CFG, state, device="cpu", dtype=torch.float32, impl="triton").encode(ev)

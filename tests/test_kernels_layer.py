@@ -17,6 +17,7 @@ from kernels import dispatch
 from kernels.epilogue import pool_segments, pool_segments_reference
 from kernels.ln_qkv import ln_linear, ln_linear_reference, ln_qkv, ln_qkv_reference
 from kernels.mlp import mlp, mlp_reference
+from kernels.prologue import prologue, prologue_reference
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 2e-2}
@@ -63,6 +64,21 @@ def test_linear_without_layernorm_odd_sizes(rng, dtype):
         for T in (1, 17, 33):
             x = t(rng.normal(size=(T, K)), dtype)
             close(ln_linear(x, w, b), ln_linear_reference(x.float(), w.float(), b.float()), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("E1,E2,NN,d", [(8, 16, 5, 64), (4, 12, 7, 48)])
+def test_prologue_matches_reference(rng, dtype, E1, E2, NN, d):
+    temb, memb = t(rng.normal(size=(12, E1)), dtype), t(rng.normal(size=(128, E2)), dtype)
+    K = E1 + E2 + NN
+    w, b = t(rng.normal(size=(d, K)) / np.sqrt(K), dtype), t(0.2 * rng.normal(size=d), dtype)
+    for T in T_VALUES:
+        tid = torch.as_tensor(rng.integers(0, 12, T), device=DEV)
+        mid = torch.as_tensor(rng.integers(0, 128, T), device=DEV)
+        num = t(rng.normal(size=(T, NN)))
+        got = prologue(tid, mid, num, temb, memb, w, b)
+        assert got.shape == (T, d) and got.dtype == dtype
+        close(got, prologue_reference(tid, mid, num, temb.float(), memb.float(), w.float(), b.float()), TOL[dtype])
 
 
 def test_ln_linear_rejects_bad_shapes(rng):
