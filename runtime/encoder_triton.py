@@ -185,6 +185,14 @@ class TritonEncoderBackend:
     def _stage(self, st: _Static, ev: PackedEvents) -> np.ndarray:
         """Fill the host staging buffer from `ev` (padded to st.B segments / st.T rows); returns host cu."""
         B, T = ev.batch_size, ev.n_tokens
+        # The kernels gather embedding rows without bounds checks (no device-side asserts, no sync):
+        # check the ids on the host (microseconds) so a bad id is a clear error, not a wild read.
+        for name, ids, n in (("type_ids", ev.type_ids, self.type_emb.shape[0]),
+                             ("mcc_ids", ev.mcc_ids, self.mcc_emb.shape[0])):
+            if T and (int(ids.min()) < 0 or int(ids.max()) >= n):
+                raise ValueError(f"{name} out of range [0, {n}): min {int(ids.min())}, max {int(ids.max())}")
+        if ev.numeric.shape != (T, self.cfg.n_numeric):
+            raise ValueError(f"numeric must be [{T}, {self.cfg.n_numeric}], got {ev.numeric.shape}")
         st.n_type[:T] = ev.type_ids
         st.n_type[T:] = 0
         st.n_mcc[:T] = ev.mcc_ids

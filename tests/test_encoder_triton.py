@@ -138,6 +138,10 @@ def test_empty_batch_and_bad_arguments(state):
         TritonEncoderBackend(CFG, state, device="cpu", batch_buckets=(4, 2))
     with pytest.raises(ValueError, match="dtype"):
         TritonEncoderBackend(CFG, state, device="cpu", dtype=torch.int8)
+    ev = random_packed([3, 2], np.random.default_rng(1))
+    ev.mcc_ids[1] = CFG.mcc_buckets
+    with pytest.raises(ValueError, match="mcc_ids out of range"):
+        b.encode(ev)
     bad = dict(state)
     bad.pop("pool.bias")
     with pytest.raises(ValueError, match="missing"):
