@@ -37,7 +37,7 @@ def _prologue_kernel(
     E1: tl.constexpr, E2: tl.constexpr, NN: tl.constexpr, N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    K: tl.constexpr = E1 + E2 + NN
+    K = E1 + E2 + NN                                          # constexpr (sum of constexprs)
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
