@@ -34,6 +34,13 @@ BLOCK_M = 32
 BLOCK_N = 64
 
 
+def key_block(dtype: torch.dtype, head_dim: int) -> int:
+    """Long-path key block: 32 for fp32 at head dim 32 (its exact-fp32 dots spill ~0.5 KB/thread at
+    64 on sm_80/sm_90, `compile_check --full --ptxas-info`), else BLOCK_N. Model-level, never
+    batch-dependent."""
+    return 32 if dtype == torch.float32 and head_dim == 32 else BLOCK_N
+
+
 def num_warps_for(d_model: int) -> int:
     """Warps per program: a function of the model width only (never of the batch)."""
     return 8 if d_model > 128 else 4
@@ -162,7 +169,7 @@ def attn_block(qkv: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor, w_o
         qkv, x, w_out, b_out, ln_weight, ln_bias, out_x, out_h, cu_seqlens, n_seqs, T,
         qkv.stride(0), x.stride(0), out_x.stride(0), out_h.stride(0), scale * LOG2E, float(eps),
         H=n_heads, DH=head_dim, D_PAD=triton.next_power_of_2(d), B_PAD=b_pad(n_seqs), BLOCK_S=BLOCK_S,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_PRECISION=dot_precision(dt),
+        BLOCK_M=BLOCK_M, BLOCK_N=key_block(dt, head_dim), DOT_PRECISION=dot_precision(dt),
         num_warps=num_warps_for(d), num_stages=NUM_STAGES)
     return out_x, out_h
 
@@ -187,7 +194,7 @@ def _variant(dtype: torch.dtype, H: int, DH: int, bp: int) -> tuple:
     sig.update({"cu_ptr": "*i32", "n_seqs": "i32", "n_tokens": "i32", "stride_qkv": "i32", "stride_x": "i32",
                 "stride_xo": "i32", "stride_ho": "i32", "qk_scale": "fp32", "eps": "fp32"})
     const = dict(H=H, DH=DH, D_PAD=triton.next_power_of_2(H * DH), B_PAD=bp, BLOCK_S=BLOCK_S, BLOCK_M=BLOCK_M,
-                 BLOCK_N=BLOCK_N, DOT_PRECISION=dot_precision(dtype))
+                 BLOCK_N=key_block(dtype, DH), DOT_PRECISION=dot_precision(dtype))
     sig.update({k: "constexpr" for k in const})
     label = f"attn_block {str(dtype).split('.')[-1]} H={H} Dh={DH} B_PAD={bp}"
     return (_attn_block_kernel, sig, const, label, dict(num_warps=num_warps_for(H * DH), num_stages=NUM_STAGES))
