@@ -11,8 +11,9 @@ Every op takes `impl`:
 Triton can run when the tensors are CUDA tensors (compiled kernels) or CPU tensors with
 TRITON_INTERPRET=1 set before the kernel modules were imported (the interpreter; tests).
 
-Ops: prologue (embedding gathers + concat + in_proj), ln_linear (LN+QKV, pooling head), mlp, attention, attn_block (attention + out-proj +
-residual + LN2), pool_segments (final LN + mean + newest). attention/attn_block come from
+Ops: prologue (embedding gathers + concat + in_proj), ln_linear (LN + QKV; pooling head), mlp,
+attention, attn_block (attention + out-proj + residual + LN2), pool_segments (final LN + mean +
+newest). attention/attn_block come from
 kernels.attention / kernels.attn_block when those modules exist; if kernels.attn_block is missing
 its Triton form is composed from the Triton attention + ln_linear.
 
