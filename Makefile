@@ -2,12 +2,14 @@
 #   make serve  install (CPU profile), build the demo bundle if missing, start the server
 #   make demo   install, build the demo bundle if missing, score sample applicants offline
 #   make test   install (CPU profile + test tools), run the test suite
+#   make microbench  pytest-benchmark suites (bench/micro), timed; JSON in bench/results/micro.json
+#   make compare     uwrt vs the naive server vs the Ray Serve peer through one sweep (bench/compare)
 PYTHON ?= python3.11
 VENV   ?= .venv
 BUNDLE ?= bundles/demo
 BIN    := $(VENV)/bin
 
-.PHONY: install install-test bundle serve demo test stubs clean
+.PHONY: install install-test bench-install bundle serve demo test microbench compare stubs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +21,9 @@ install: $(BIN)/python
 
 install-test: install
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements/test.txt
+
+bench-install: install
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements/bench.txt
 
 bundle: install
 	@test -f $(BUNDLE)/manifest.json || $(BIN)/uwrt build-demo --out $(BUNDLE)
@@ -32,6 +37,12 @@ demo: bundle
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+microbench: install-test bundle
+	$(BIN)/python -m pytest bench/micro -p no:cacheprovider --benchmark-only --benchmark-sort=name --benchmark-json bench/results/micro.json
+
+compare: bench-install bundle
+	PYTHON=$(BIN)/python bench/compare
 
 stubs: $(BIN)/python
 	$(BIN)/python scripts/gen_proto.py
