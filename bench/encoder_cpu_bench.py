@@ -79,6 +79,8 @@ def main() -> int:
     for opt in ("none", "ort", "transformer"):
         make[f"onnx-{opt}"] = (lambda o: lambda: OnnxEncoderBackend(ecfg, state, optimization=o,
                                                                      intra_op_threads=args.threads))(opt)
+    make["onnx-mha"] = lambda: OnnxEncoderBackend(ecfg, state, optimization="ort", attention="mha",
+                                                  intra_op_threads=args.threads)
     backends = {}
     for name in args.backends.split(","):
         t = time.perf_counter()

@@ -66,6 +66,9 @@ class RuntimeConfig:
     #: MatMul+Add fusions, constant folding), "transformer" (also onnxruntime.transformers'
     #: offline optimizer: fuses nothing beyond "ort" on this graph, measured) or "none".
     onnx_optimization: str = "ort"
+    #: ONNX attention form: "mha" (ORT's fused MultiHeadAttention contrib op per length bucket;
+    #: fastest measured) or "matmul" (standard ONNX MatMul + Softmax, for other runtimes).
+    onnx_attention: str = "mha"
     #: ONNX Runtime intra-op threads (0 = ORT's default: one per core).
     onnx_intra_op_threads: int = 1
     #: ONNX Runtime inter-op threads (the graph runs sequentially, so 1 is enough).
@@ -96,6 +99,7 @@ class RuntimeConfig:
             raise ValueError("torch_threads >= 0, 0 <= port <= 65535 and grace_s >= 0 are required")
         for name, allowed in (("profile", PROFILE_CHOICES), ("encoder_backend", ENCODER_BACKEND_CHOICES),
                               ("onnx_optimization", ("none", "ort", "transformer")),
+                              ("onnx_attention", ("mha", "matmul")),
                               ("tree_path", TREE_PATH_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

@@ -5,15 +5,18 @@ math and the same packed/bucketed layout as `SequenceEncoder` / the TorchScript 
 
     inputs   type_ids [T] int64, mcc_ids [T] int64, numeric [T, n_numeric] float32,
              per length bucket L in (8, 16, ..., bucket_length(max_history)):
-                 idx_L [Bk, L] int64 (gather ids), bias_L [Bk, 1, 1, L] float32 (0 / -inf key
-                 mask), valid_L [n_L] int64 (flat ids of the real tokens in [Bk * L]),
+                 idx_L [Bk, L] int64 (gather ids), the key mask (attention "mha": mask_L [Bk, L]
+                 int32, 1 = real token; "matmul": bias_L [Bk, 1, 1, L] float32, 0 / -inf),
+                 valid_L [n_L] int64 (flat ids of the real tokens in [Bk * L]),
              inv [T] int64 (each token's row in the concatenated bucket outputs),
              seg [T] int64 (segment of each token), lens [B, 1] float32, starts [B] int64
     output   emb [B, emb_dim] float32
 
 T and B (and every Bk, n_L) are dynamic axes; a bucket no segment falls into is fed empty
 (Bk = 0). The host plans the buckets (`kernels.reference.bucket_plan`) as the other backends
-do, so a segment's attention never depends on its neighbours. Every linear layer pads its
+do, so a segment's attention never depends on its neighbours. Attention per bucket is either
+ORT's fused `com.microsoft.MultiHeadAttention` with a key padding mask ("mha", the default:
+fastest measured, bench/encoder_cpu_bench.py) or standard MatMul + Softmax + MatMul ("matmul"). Every linear layer pads its
 input to at least MIN_GEMM_ROWS rows inside the graph (batch invariance, as in
 runtime/encoder.py); GELU is the exact erf form, LayerNorm the ONNX LayerNormalization op.
 
@@ -59,7 +62,7 @@ from runtime.schema import EncoderConfig
 log = logging.getLogger("uwrt.encoder.onnx")
 
 #: Bump whenever the exported graph changes: it is part of the cache key.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 OPSET = 17
 OPTIMIZATION_LEVELS = ("none", "ort", "transformer")
 CACHE_SUBDIR = "onnx"
@@ -106,8 +109,11 @@ def _weights(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in state.items()}
 
 
-def export_onnx(cfg: EncoderConfig, state: Mapping[str, torch.Tensor]) -> bytes:
-    """The encoder as a serialized ONNX model (see the module docstring for its inputs)."""
+def export_onnx(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], *, attention: str = "matmul") -> bytes:
+    """The encoder as a serialized ONNX model (see the module docstring for its inputs).
+
+    attention: "matmul" (MatMul + Softmax + MatMul per bucket, standard ONNX ops, any runtime) or
+    "mha" (ORT's com.microsoft MultiHeadAttention per bucket with a key padding mask)."""
     import onnx
     from onnx import TensorProto
     check_state_dict(cfg, dict(state))
@@ -144,9 +150,12 @@ def export_onnx(cfg: EncoderConfig, state: Mapping[str, torch.Tensor]) -> bytes:
               oh.make_tensor_value_info("mcc_ids", TensorProto.INT64, ["T"]),
               oh.make_tensor_value_info("numeric", F, ["T", cfg.n_numeric])]
     buckets = bucket_lengths(cfg.max_history)
+    if attention not in ("matmul", "mha"):
+        raise ValueError(f"attention must be 'matmul' or 'mha', got {attention!r}")
     for L in buckets:
         inputs += [oh.make_tensor_value_info(f"idx_{L}", TensorProto.INT64, [f"B{L}", L]),
-                   oh.make_tensor_value_info(f"bias_{L}", F, [f"B{L}", 1, 1, L]),
+                   (oh.make_tensor_value_info(f"bias_{L}", F, [f"B{L}", 1, 1, L]) if attention == "matmul" else
+                    oh.make_tensor_value_info(f"mask_{L}", TensorProto.INT32, [f"B{L}", L])),
                    oh.make_tensor_value_info(f"valid_{L}", TensorProto.INT64, [f"N{L}"])]
     inputs += [oh.make_tensor_value_info("inv", TensorProto.INT64, ["T"]),
                oh.make_tensor_value_info("seg", TensorProto.INT64, ["T"]),
@@ -160,18 +169,28 @@ def export_onnx(cfg: EncoderConfig, state: Mapping[str, torch.Tensor]) -> bytes:
     flat_hd, flat_d = g.const(i64(-1, H, Dh)), g.const(i64(-1, d))
     for li in range(cfg.n_layers):
         p = f"layers.{li}."
-        qkv = g.op("Reshape", [lin(ln(x, p + "ln1"), p + "qkv"), g.const(i64(-1, 3, H, Dh))])   # [T, 3, H, Dh]
-        q, k, v = (g.op("Gather", [qkv, g.const(np.array(j, np.int64))], axis=1) for j in range(3))        # [T, H, Dh]
-        parts = []
-        for L in buckets:
-            qb = g.op("Transpose", [g.op("Gather", [q, f"idx_{L}"])], perm=[0, 2, 1, 3])      # [Bk, H, L, Dh]
-            kt = g.op("Transpose", [g.op("Gather", [k, f"idx_{L}"])], perm=[0, 2, 3, 1])      # [Bk, H, Dh, L]
-            vb = g.op("Transpose", [g.op("Gather", [v, f"idx_{L}"])], perm=[0, 2, 1, 3])
-            s = g.op("Add", [g.op("Mul", [g.op("MatMul", [qb, kt]), scale]), f"bias_{L}"])   # [Bk, H, L, L]
-            ob = g.op("MatMul", [g.op("Softmax", [s], axis=-1), vb])                          # [Bk, H, L, Dh]
-            ob = g.op("Reshape", [g.op("Transpose", [ob], perm=[0, 2, 1, 3]), flat_hd])     # [Bk * L, H, Dh]
-            parts.append(g.op("Gather", [ob, f"valid_{L}"]))                                # [n_L, H, Dh]
-        cat = parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=0)                 # [T, H, Dh]
+        if attention == "mha":
+            qkv = g.op("Reshape", [lin(ln(x, p + "ln1"), p + "qkv"), g.const(i64(-1, 3, d))])   # [T, 3, d]
+            q, k, v = (g.op("Gather", [qkv, g.const(np.array(j, np.int64))], axis=1) for j in range(3))  # [T, d]
+            parts = []
+            for L in buckets:
+                qb, kb, vb = (g.op("Gather", [t, f"idx_{L}"]) for t in (q, k, v))              # [Bk, L, d]
+                ob = g.op("MultiHeadAttention", [qb, kb, vb, "", f"mask_{L}"], domain="com.microsoft",
+                          num_heads=H)                                                         # [Bk, L, d]
+                parts.append(g.op("Gather", [g.op("Reshape", [ob, flat_d]), f"valid_{L}"]))    # [n_L, d]
+        else:
+            qkv = g.op("Reshape", [lin(ln(x, p + "ln1"), p + "qkv"), g.const(i64(-1, 3, H, Dh))])   # [T, 3, H, Dh]
+            q, k, v = (g.op("Gather", [qkv, g.const(np.array(j, np.int64))], axis=1) for j in range(3))  # [T, H, Dh]
+            parts = []
+            for L in buckets:
+                qb = g.op("Transpose", [g.op("Gather", [q, f"idx_{L}"])], perm=[0, 2, 1, 3])      # [Bk, H, L, Dh]
+                kt = g.op("Transpose", [g.op("Gather", [k, f"idx_{L}"])], perm=[0, 2, 3, 1])      # [Bk, H, Dh, L]
+                vb = g.op("Transpose", [g.op("Gather", [v, f"idx_{L}"])], perm=[0, 2, 1, 3])
+                s = g.op("Add", [g.op("Mul", [g.op("MatMul", [qb, kt]), scale]), f"bias_{L}"])   # [Bk, H, L, L]
+                ob = g.op("MatMul", [g.op("Softmax", [s], axis=-1), vb])                          # [Bk, H, L, Dh]
+                ob = g.op("Reshape", [g.op("Transpose", [ob], perm=[0, 2, 1, 3]), flat_hd])     # [Bk * L, H, Dh]
+                parts.append(g.op("Gather", [ob, f"valid_{L}"]))                                # [n_L, H, Dh]
+        cat = parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=0)                 # [T, H, Dh] / [T, d]
         a = g.op("Reshape", [g.op("Gather", [cat, "inv"]), flat_d])                          # [T, d]
         x = g.op("Add", [x, lin(a, p + "out")])
         x = g.op("Add", [x, lin(gelu(lin(ln(x, p + "ln2"), p + "fc1")), p + "fc2")])
@@ -185,7 +204,8 @@ def export_onnx(cfg: EncoderConfig, state: Mapping[str, torch.Tensor]) -> bytes:
     g.nodes.append(oh.make_node("Identity", [emb], ["emb"], name="emb_node"))
     graph = oh.make_graph(g.nodes, "uwrt_encoder", inputs,
                           [oh.make_tensor_value_info("emb", F, ["B", cfg.emb_dim])], initializer=g.inits)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", OPSET)], producer_name="uwrt",
+    opsets = [oh.make_opsetid("", OPSET)] + ([oh.make_opsetid("com.microsoft", 1)] if attention == "mha" else [])
+    model = oh.make_model(graph, opset_imports=opsets, producer_name="uwrt",
                           producer_version=str(EXPORT_VERSION))
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -235,10 +255,11 @@ def fusion_report(cfg: EncoderConfig, state: Mapping[str, torch.Tensor]) -> dict
 
 # -- cache ---------------------------------------------------------------------------------------
 
-def encoder_key(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], optimization: str) -> str:
-    """Cache key: SHA-256 over the export code version, opset, optimization level, the encoder
-    config and every weight (name, dtype, shape, bytes): the encoder's own digest."""
-    h = hashlib.sha256(f"uwrt-onnx v{EXPORT_VERSION} opset{OPSET} {optimization}\n".encode())
+def encoder_key(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], optimization: str,
+                attention: str = "matmul") -> str:
+    """Cache key: SHA-256 over the export code version, opset, optimization level, attention
+    form, the encoder config and every weight (name, dtype, shape, bytes): the encoder's own digest."""
+    h = hashlib.sha256(f"uwrt-onnx v{EXPORT_VERSION} opset{OPSET} {optimization} {attention}\n".encode())
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()
@@ -282,15 +303,15 @@ _CACHE_LOCK = threading.Lock()
 
 
 def load_or_export(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], *, cache_dir: pathlib.Path | None,
-                   optimization: str = "ort", bundle_digest: str = "") -> tuple[bytes, str]:
+                   optimization: str = "ort", attention: str = "matmul", bundle_digest: str = "") -> tuple[bytes, str]:
     """The (possibly transformer-optimized) ONNX model bytes, from the cache when a valid entry
     exists; returns (bytes, how) with how in {"cache", "export", "export-uncached"}."""
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f"unknown ONNX optimization {optimization!r}; choose one of {OPTIMIZATION_LEVELS}")
-    key = encoder_key(cfg, state, optimization)
+    key = encoder_key(cfg, state, optimization, attention)
 
     def build() -> bytes:
-        model = export_onnx(cfg, state)
+        model = export_onnx(cfg, state, attention=attention)
         if optimization == "transformer":
             model, fused = transformer_optimize(model, cfg)
             log.info("ONNX transformer optimizer fused: %s", fused or "nothing")
@@ -312,7 +333,7 @@ def load_or_export(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], *, cac
                 log.warning("ONNX export cache entry %s is corrupt (%s): re-exporting", model_path, e)
         data = build()
         meta = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                "export_version": EXPORT_VERSION, "opset": OPSET, "optimization": optimization,
+                "export_version": EXPORT_VERSION, "opset": OPSET, "optimization": optimization, "attention": attention,
                 "bundle_digest": bundle_digest}
         try:
             for path, payload in ((model_path, data), (meta_path, json.dumps(meta, indent=1).encode())):
@@ -342,6 +363,7 @@ def onnx_feed(events: PackedEvents, buckets: list[int]) -> dict[str, np.ndarray]
         idx, ok = plan.pop(L, (np.zeros((0, L), np.int64), np.zeros((0, L), bool)))
         feed[f"idx_{L}"] = np.ascontiguousarray(idx, np.int64)
         feed[f"bias_{L}"] = np.where(ok, np.float32(0), np.float32(-np.inf)).astype(np.float32)[:, None, None, :]
+        feed[f"mask_{L}"] = ok.astype(np.int32)
         feed[f"valid_{L}"] = np.flatnonzero(ok.reshape(-1)).astype(np.int64)
         dest.append(idx[ok])
     if plan:
@@ -375,7 +397,8 @@ class OnnxEncoderBackend:
 
     def __init__(self, cfg: EncoderConfig, state: Mapping[str, torch.Tensor], *, device: str = "cpu",
                  intra_op_threads: int = 1, inter_op_threads: int = 1, optimization: str = "ort",
-                 cache_dir: pathlib.Path | str | None = None, bundle_digest: str = "") -> None:
+                 attention: str = "mha", cache_dir: pathlib.Path | str | None = None,
+                 bundle_digest: str = "") -> None:
         import onnxruntime as ort
         self.cfg = cfg
         self.device = device
@@ -392,20 +415,24 @@ class OnnxEncoderBackend:
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimization == "none"
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         cdir = pathlib.Path(cache_dir) if cache_dir is not None else None
+        self.attention = attention
         model, self.source = load_or_export(cfg, state, cache_dir=cdir, optimization=optimization,
-                                            bundle_digest=bundle_digest)
+                                            attention=attention, bundle_digest=bundle_digest)
         try:
             self.session = ort.InferenceSession(model, so, providers=providers)
         except Exception as e:  # noqa: BLE001 - a cached file that ORT refuses is re-exported once
             if self.source != "cache":
                 raise
             log.warning("ONNX Runtime refused the cached export (%s): re-exporting", e)
-            model = export_onnx(cfg, state) if optimization != "transformer" else transformer_optimize(
-                export_onnx(cfg, state), cfg)[0]
+            model = export_onnx(cfg, state, attention=attention)
+            if optimization == "transformer":
+                model = transformer_optimize(model, cfg)[0]
             self.session = ort.InferenceSession(model, so, providers=providers)
             self.source = "export-uncached"
-        log.info("ONNX encoder on %s (%s, optimization %s, threads %d/%d, model from %s)", device,
-                 self.session.get_providers()[0], optimization, intra_op_threads, inter_op_threads, self.source)
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        log.info("ONNX encoder on %s (%s, optimization %s, attention %s, threads %d/%d, model from %s)", device,
+                 self.session.get_providers()[0], optimization, attention, intra_op_threads, inter_op_threads,
+                 self.source)
 
     @classmethod
     def from_bundle(cls, bundle, *, cache_dir: str = "", **kw) -> "OnnxEncoderBackend":
@@ -416,5 +443,6 @@ class OnnxEncoderBackend:
     def encode(self, events: PackedEvents) -> np.ndarray:
         if events.batch_size == 0:
             return np.zeros((0, self.cfg.emb_dim), np.float32)
-        (emb,) = self.session.run(["emb"], onnx_feed(events, self.buckets))
+        feed = onnx_feed(events, self.buckets)
+        (emb,) = self.session.run(["emb"], {k: v for k, v in feed.items() if k in self.input_names})
         return emb

@@ -53,7 +53,7 @@ def _onnx_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderBac
     return OnnxEncoderBackend.from_bundle(bundle, device=device, cache_dir=cfg.onnx_cache_dir,
                                           intra_op_threads=cfg.onnx_intra_op_threads,
                                           inter_op_threads=cfg.onnx_inter_op_threads,
-                                          optimization=cfg.onnx_optimization)
+                                          optimization=cfg.onnx_optimization, attention=cfg.onnx_attention)
 
 
 def _triton_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderBackend:

@@ -24,9 +24,10 @@ def weights():
     return random_state(CFG, 4242)
 
 
-@pytest.fixture(scope="module")
-def pair(weights):
-    return TorchEncoderBackend(CFG, weights), OnnxEncoderBackend(CFG, weights, optimization="ort")
+@pytest.fixture(scope="module", params=["mha", "matmul"])
+def pair(weights, request):
+    return TorchEncoderBackend(CFG, weights), OnnxEncoderBackend(CFG, weights, optimization="ort",
+                                                                 attention=request.param)
 
 
 def test_bucket_lengths():
@@ -34,10 +35,11 @@ def test_bucket_lengths():
     assert bucket_lengths(100) == [8, 16, 32, 64, 128] and bucket_lengths(1) == [8] and bucket_lengths(9) == [8, 16]
 
 
-@pytest.mark.parametrize("optimization", ["none", "ort", "transformer"])
-def test_matches_torch_on_edge_and_random_lengths(rng, weights, optimization):
+@pytest.mark.parametrize("optimization,attention", [("none", "matmul"), ("ort", "matmul"), ("transformer", "matmul"),
+                                                    ("none", "mha"), ("ort", "mha"), ("transformer", "mha")])
+def test_matches_torch_on_edge_and_random_lengths(rng, weights, optimization, attention):
     torch_be = TorchEncoderBackend(CFG, weights)
-    onnx_be = OnnxEncoderBackend(CFG, weights, optimization=optimization)
+    onnx_be = OnnxEncoderBackend(CFG, weights, optimization=optimization, attention=attention)
     cases = [EDGE, [1], [128], list(rng.integers(1, 129, 37)), list(rng.integers(1, 9, 50))]
     for lengths in cases:
         ev = random_packed(lengths, rng)
@@ -54,12 +56,13 @@ def test_each_edge_length_alone(rng, pair):
         np.testing.assert_allclose(onnx_be.encode(ev), torch_be.encode(ev), atol=1e-5, rtol=0, err_msg=f"length {n}")
 
 
-def test_other_model_shapes(rng):
+@pytest.mark.parametrize("attention", ["mha", "matmul"])
+def test_other_model_shapes(rng, attention):
     cfg = EncoderConfig(n_heads=2, n_layers=1, max_history=40)
     w = random_state(cfg, int(rng.integers(1 << 30)))
     ev = random_packed(list(rng.integers(1, 41, 9)) + [40, 33], rng, cfg)
-    np.testing.assert_allclose(OnnxEncoderBackend(cfg, w).encode(ev), TorchEncoderBackend(cfg, w).encode(ev),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(OnnxEncoderBackend(cfg, w, attention=attention).encode(ev),
+                               TorchEncoderBackend(cfg, w).encode(ev), atol=1e-5, rtol=0)
 
 
 def test_batch_invariance(rng, pair):
@@ -91,6 +94,8 @@ def test_empty_batch_and_too_long_segment(rng, pair):
 
 def test_session_options_and_providers(weights):
     be = OnnxEncoderBackend(CFG, weights, intra_op_threads=2, inter_op_threads=1, optimization="none")
+    with pytest.raises(ValueError, match="attention must be"):
+        OnnxEncoderBackend(CFG, weights, attention="flash")
     so = be.session.get_session_options()
     assert so.intra_op_num_threads == 2 and so.inter_op_num_threads == 1
     assert be.session.get_providers() == ["CPUExecutionProvider"]
@@ -119,7 +124,7 @@ def test_fusions_are_measured(weights):
 def test_key_depends_on_weights_version_and_level(weights, monkeypatch):
     k = encoder_key(CFG, weights, "ort")
     assert k == encoder_key(CFG, dict(weights), "ort")
-    assert k != encoder_key(CFG, weights, "none")
+    assert k != encoder_key(CFG, weights, "none") and k != encoder_key(CFG, weights, "ort", "mha")
     other = dict(weights)
     other["pool.bias"] = other["pool.bias"] + 1e-3
     assert k != encoder_key(CFG, other, "ort")
