@@ -55,7 +55,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.apply_threads()
     pipe = Pipeline.from_dir(args.bundle, limits=Limits(cfg.max_request_events), tree_threads=cfg.tree_threads,
-                             encoder_backend=cfg.encoder_backend)
+                             config=cfg)
     try:
         with _open_in(args.input) as fh:
             requests = list(read_jsonl(fh))
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, help="requests JSONL ('-' for stdin)")
     s.add_argument("--output", default="-", help="responses JSONL (default: stdout)")
     add_config_flags(s, only=("score_batch_size", "torch_threads", "tree_threads", "max_request_events",
-                                "encoder_backend"))
+                                "encoder_backend", "onnx_attention", "onnx_optimization", "onnx_intra_op_threads",
+                                "tree_path", "tree_cache_dir", "reasons_path"))
     s.set_defaults(func=cmd_score)
 
     v = sub.add_parser("serve", help="run the gRPC decision server",

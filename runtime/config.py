@@ -76,10 +76,19 @@ class RuntimeConfig:
     #: Directory for the exported ONNX encoder; empty = the bundle's cache/onnx, or
     #: ~/.cache/uwrt/onnx ($XDG_CACHE_HOME) when the bundle is read-only.
     onnx_cache_dir: str = ""
-    #: Tree stage path: "auto" (the routed stage over the compiled paths this machine supports,
-    #: measured at warm-up) or one forced path: "native", "tl2cgen", "xgboost", "onnx". The tree
-    #: stage runs on the CPU in every profile.
+    #: Tree stage path. "auto": routed by batch size, measured at warm-up, between the paths whose
+    #: margins are bit-identical to xgboost's ("native", our generated C layout, and "xgboost"
+    #: inplace_predict), so a score never depends on which path its batch size chose. "routed":
+    #: also the TL2cgen and ONNX Runtime paths (agree within 1e-6 in probability, not to the bit).
+    #: Or one forced path: "native", "tl2cgen", "xgboost", "onnx". Always on the CPU.
     tree_path: str = "auto"
+    #: Where compiled tree libraries are cached; empty = the bundle's cache/native, then
+    #: $UWRT_CACHE_DIR or ~/.cache/uwrt/native (first writable). Compiled once, verified on load.
+    tree_cache_dir: str = ""
+    #: Reason codes for adverse outcomes from exact TreeSHAP: "native" (compiled, ~50 us a row on
+    #: the demo model; falls back to xgboost, logged and counted, if it cannot be built) or
+    #: "xgboost" (pred_contribs: milliseconds a row). Both give the same top-4 reasons (tested).
+    reasons_path: str = "native"
     #: torch intra-op threads for the CPU encoder (0 = leave torch's default).
     torch_threads: int = 1
     #: xgboost threads per tree-stage call (1: latency; the encoder owns the other core).
@@ -100,7 +109,8 @@ class RuntimeConfig:
         for name, allowed in (("profile", PROFILE_CHOICES), ("encoder_backend", ENCODER_BACKEND_CHOICES),
                               ("onnx_optimization", ("none", "ort", "transformer")),
                               ("onnx_attention", ("mha", "matmul")),
-                              ("tree_path", TREE_PATH_CHOICES)):
+                              ("tree_path", TREE_PATH_CHOICES),
+                              ("reasons_path", REASONS_PATH_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.fallback_encoder_backend not in ("",) + ENCODER_BACKEND_CHOICES:
@@ -167,7 +177,8 @@ class RuntimeConfig:
 
 PROFILE_CHOICES = ("auto", "cpu", "gpu")
 ENCODER_BACKEND_CHOICES = ("onnx", "torchscript", "torch", "triton")
-TREE_PATH_CHOICES = ("auto", "native", "tl2cgen", "xgboost", "onnx")
+TREE_PATH_CHOICES = ("auto", "routed", "native", "tl2cgen", "xgboost", "onnx")
+REASONS_PATH_CHOICES = ("native", "xgboost")
 
 
 def _merge(base: dict, top: dict) -> dict:

@@ -24,7 +24,7 @@ from runtime.errors import InvalidRequest
 from runtime.featurize import FeatureBatch, Limits, featurize
 from runtime.pb import pb
 from runtime.policy import ADVERSE, counteroffer_amount, outcome_for, score_for, top_reasons
-from runtime.trees import TreeExplainer, TreeStage, XGBoostTreeStage, load_booster
+from runtime.trees import FallbackExplainer, TreeExplainer, TreeStage, XGBoostTreeStage, load_booster
 
 log = logging.getLogger("uwrt.pipeline")
 
@@ -110,6 +110,47 @@ def build_encoder(bundle: Bundle, cfg: RuntimeConfig) -> EncoderBackend:
     return FallbackEncoder(primary, fallback, reprobe_s=cfg.fallback_reprobe_s)
 
 
+#: tree_path -> the paths built, in preference order (runtime/tree_router.py routes between them).
+TREE_PATHS = {"auto": ("native", "xgboost"), "routed": ("native", "tl2cgen", "xgboost", "onnx"),
+              "native": ("native",), "tl2cgen": ("tl2cgen",), "xgboost": ("xgboost",), "onnx": ("onnx",)}
+
+
+def build_trees(bundle: Bundle, cfg: RuntimeConfig, *, tree_threads: int | None = None):
+    """(tree stage, explainer, report) as configured by tree_path / tree_cache_dir / reasons_path.
+
+    Several paths -> a RoutedTreeStage (uncalibrated: preference order until `calibrate`, which
+    the server runs at warm-up); a path that cannot be built is skipped with a warning (in the
+    report). One forced path that cannot be built raises. Reasons: the compiled exact TreeSHAP
+    when reasons_path is "native" (built with the native tree path, or on its own), wrapped so a
+    failure falls back to xgboost pred_contribs; if it cannot be built at all, xgboost, logged."""
+    from runtime.native_cache import default_cache_dirs
+    from runtime.tree_router import build_tree_stage
+    threads = cfg.tree_threads if tree_threads is None else tree_threads
+    cache_dirs = [cfg.tree_cache_dir] if cfg.tree_cache_dir else default_cache_dirs(bundle.path)
+    paths = TREE_PATHS[cfg.tree_path]
+    if paths == ("xgboost",):
+        stage, report = XGBoostTreeStage(load_booster(bundle.tree_model_bytes(), nthread=threads)), {"built": ["xgboost"]}
+    else:   # the factory sets nthread on the booster it gets: give it its own
+        stage, report = build_tree_stage(load_booster(bundle.tree_model_bytes(), nthread=threads), bundle,
+                                         paths=paths, cache_dirs=cache_dirs, tree_threads=threads, calibrate=False)
+    xgb_explainer = TreeExplainer(load_booster(bundle.tree_model_bytes(), nthread=threads))
+    explainer, report["reasons"] = xgb_explainer, "xgboost"
+    if cfg.reasons_path == "native":
+        native = report.pop("native_explainer", None)
+        if native is None:
+            try:
+                from runtime.tree_native import build_native
+                _, native = build_native(load_booster(bundle.tree_model_bytes(), nthread=threads), cache_dirs)
+            except Exception as e:  # noqa: BLE001 - reasons must still work: slower, and said so
+                log.warning("compiled TreeSHAP unavailable (%s: %s); reasons via xgboost pred_contribs (ms a row)",
+                            type(e).__name__, e)
+                report["reasons_error"] = f"{type(e).__name__}: {e}"
+        if native is not None:
+            explainer, report["reasons"] = FallbackExplainer(native, xgb_explainer), "native"
+    report.pop("native_explainer", None)
+    return stage, explainer, report
+
+
 def _us(t0: int) -> int:
     return (time.perf_counter_ns() - t0) // 1000
 
@@ -132,7 +173,6 @@ class Pipeline:
         self.encoder_config = bundle.encoder_config
         self.policy = bundle.policy
         self.limits = limits
-        booster = load_booster(bundle.tree_model_bytes(), nthread=tree_threads)  # bytes verified against the manifest
         if encoder is None:
             cfg = config or RuntimeConfig()
             if encoder_backend is not None and encoder_backend != cfg.encoder_backend:
@@ -141,8 +181,12 @@ class Pipeline:
                 cfg = dataclasses.replace(cfg, encoder_backend=encoder_backend)
             encoder = build_encoder(bundle, cfg)
         self.encoder = encoder
-        self.trees = trees or XGBoostTreeStage(booster)
-        self.explainer = TreeExplainer(booster)
+        if trees is None:
+            self.trees, self.explainer, self.tree_report = build_trees(bundle, config or RuntimeConfig(),
+                                                                       tree_threads=tree_threads)
+        else:
+            booster = load_booster(bundle.tree_model_bytes(), nthread=tree_threads)  # bytes verified against the manifest
+            self.trees, self.explainer, self.tree_report = trees, TreeExplainer(booster), {"reasons": "xgboost"}
         self.identity = bundle.identity()
         self.reason_codes = self.schema.reason_codes
         if self.trees.num_features != len(self.schema.features):
@@ -161,6 +205,38 @@ class Pipeline:
         """The encoder's counters (fallbacks, failures) if it keeps any."""
         stats = getattr(self.encoder, "stats", None)
         return dict(stats()) if callable(stats) else {}
+
+    def tree_stats(self) -> dict[str, object]:
+        """Tree stage and reasons: paths, routing (crossover points), fallbacks; for GetModelInfo."""
+        out: dict[str, object] = {"reasons": self.tree_report.get("reasons", "xgboost"),
+                                  "reasons_fallbacks": getattr(self.explainer, "fallbacks", 0)}
+        describe, stats = getattr(self.trees, "describe", None), getattr(self.trees, "stats", None)
+        if callable(describe):
+            d = describe()
+            out.update(paths=",".join(d.get("paths", [])), crossovers=" ".join(
+                f"b>={c['from_batch']}:{c['path']}" for c in d.get("crossovers", [])), calibrated=d.get("calibrated"))
+        if callable(stats):
+            st = stats()
+            out.update(fallbacks=st.get("fallbacks", 0), failures=sum(st.get("failures", {}).values()),
+                       disabled=",".join(st.get("disabled", {})))
+        if self.tree_report.get("failures"):
+            out["build_failures"] = "; ".join(f"{k}: {v}" for k, v in self.tree_report["failures"].items())
+        return out
+
+    def calibrate_trees(self, batches: list[list[pb.DecisionRequest]], batch_sizes=None) -> None:
+        """Time the tree paths at each batch size on rows made from `batches` (the warm-up
+        requests through featurize and the encoder), so routing uses this machine's crossovers."""
+        calibrate = getattr(self.trees, "calibrate", None)
+        if not callable(calibrate):
+            return
+        rows = []
+        for reqs in batches:
+            batch, _ = featurize(reqs, self.schema, self.encoder_config, self.limits)
+            if batch.batch_size:
+                rows.append(self.model_rows(batch, self.encoder.encode(batch.events)))
+        if rows:
+            kw = {} if batch_sizes is None else {"batch_sizes": batch_sizes}
+            calibrate(np.concatenate(rows), **kw)
 
     def model_rows(self, batch: FeatureBatch, emb: np.ndarray) -> np.ndarray:
         """The exact float32 rows [B, F] the tree stage sees (tabular block, then embedding)."""

@@ -48,6 +48,15 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
 
 
+def _pow2_upto(n: int) -> list[int]:
+    """1, 2, 4, ... below n, then n: the batch sizes the tree router is calibrated at."""
+    out, b = [], 1
+    while b < n:
+        out.append(b)
+        b *= 2
+    return out + [n]
+
+
 class ServingRuntime:
     """The pipeline behind a batcher. Created and used on the event loop's thread; the pipeline
     itself only ever runs on the single worker thread."""
@@ -89,8 +98,14 @@ class ServingRuntime:
             enc_warmup()
             log.info("encoder %s warm-up in %.1fs", self.pipeline.encoder.name, time.perf_counter() - t0)
         timings = []
+        batches = list(warmup_batches(self.pipeline.schema, self.max_history, self.cfg.batching))
         for p in range(passes):
-            for batch in warmup_batches(self.pipeline.schema, self.max_history, self.cfg.batching):
+            if p == 1:      # after the cold pass: time the tree paths per batch size on this machine
+                t0 = time.perf_counter()
+                self.pipeline.calibrate_trees(batches, batch_sizes=_pow2_upto(self.cfg.batching.max_batch_size))
+                log.info("tree stage %s calibrated in %.1fs: %s", self.pipeline.trees.name, time.perf_counter() - t0,
+                         self.pipeline.tree_stats())
+            for batch in batches:
                 t0 = time.perf_counter_ns()
                 res = self.pipeline.decide(batch)
                 us = (time.perf_counter_ns() - t0) / 1000
@@ -131,6 +146,8 @@ class ServingRuntime:
             info.settings[f"stats.{k}"] = str(v)
         for k, v in self.pipeline.encoder_stats().items():
             info.settings[f"encoder.{k}"] = str(v)
+        for k, v in self.pipeline.tree_stats().items():
+            info.settings[f"trees.{k}"] = str(v)
         if self.profile_reason:
             info.settings["profile.reason"] = self.profile_reason
         return info

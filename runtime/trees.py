@@ -6,6 +6,7 @@ exact TreeSHAP contributions (xgboost `pred_contribs`), which the policy groups 
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Protocol
 
@@ -71,3 +72,24 @@ class TreeExplainer:
             return np.zeros((0, self.booster.num_features() + 1))
         dm = xgb.DMatrix(rows, missing=np.nan)
         return np.asarray(self.booster.predict(dm, pred_contribs=True), dtype=np.float64)
+
+
+class FallbackExplainer:
+    """Exact TreeSHAP from a fast explainer (the compiled one, runtime/tree_native.py), falling
+    back to another (xgboost `pred_contribs`) when it raises: logged with the traceback and
+    counted, never a lost reason. Thread safety: as the wrapped explainers; counters are plain
+    ints updated from the one pipeline worker."""
+
+    def __init__(self, primary, fallback, *, name: str = "native") -> None:
+        self.primary, self.fallback, self.name = primary, fallback, name
+        self.fallbacks = 0
+
+    def contributions(self, rows: np.ndarray) -> np.ndarray:
+        try:
+            return self.primary.contributions(rows)
+        except Exception:  # noqa: BLE001 - the reasons must still come out
+            self.fallbacks += 1
+            logging.getLogger("uwrt.trees").exception(
+                "%s TreeSHAP failed on %d rows; computing reasons with xgboost instead (fallback #%d)",
+                self.name, len(rows), self.fallbacks)
+            return self.fallback.contributions(rows)
