@@ -74,6 +74,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"bundle_id      {b.bundle_id}")
     print(f"bundle_digest  {b.bundle_digest}")
     print(f"path           {b.path}")
+    from runtime.pipeline import prepare_bundle_caches
+    print(prepare_bundle_caches(b.path), flush=True)
     return 0
 
 

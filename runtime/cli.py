@@ -44,6 +44,8 @@ def cmd_build_demo(args: argparse.Namespace) -> int:
     from uwrt_demo.train import DemoConfig, build_demo
     cfg = DemoConfig.preset(args.preset, seed=args.seed, n_applicants=args.n, epochs=args.epochs)
     build_demo(args.out, cfg, overwrite=args.overwrite)
+    from runtime.pipeline import prepare_bundle_caches
+    print(prepare_bundle_caches(args.out), flush=True)
     return 0
 
 

@@ -291,3 +291,14 @@ class Pipeline:
         for k, j in enumerate(adverse):
             out[j].reasons.extend(top_reasons(contribs[k, :-1], self.reason_codes, self.policy))
         return out
+
+
+def prepare_bundle_caches(path, cfg: RuntimeConfig | None = None) -> str:
+    """Build the default configuration's derived artifacts into the bundle's cache/ (compiled
+    tree library and TreeSHAP, exported ONNX encoder) so the first `uwrt serve` does not compile.
+    Returns a one-line summary. The cache is outside the digest; a stale or corrupt entry is
+    detected and rebuilt on load anyway."""
+    t0 = time.perf_counter()
+    p = Pipeline.from_dir(path, config=cfg or RuntimeConfig())
+    return (f"caches ready in {time.perf_counter() - t0:.1f}s: encoder {p.encoder.name}, trees {p.trees.name} "
+            f"({', '.join(p.tree_report.get('built', []))}), reasons {p.tree_report.get('reasons')}")
