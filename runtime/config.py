@@ -91,10 +91,6 @@ class RuntimeConfig:
     reasons_path: str = "native"
     #: torch intra-op threads for the CPU encoder (0 = leave torch's default).
     torch_threads: int = 1
-    #: Python GIL switch interval (microseconds; CPython's default is 5000). The model worker
-    #: thread and the gRPC event loop share the GIL; a shorter interval hands it over sooner
-    #: (measured at 200 rps on the 2-core VM: p50 11.2 -> 6.9 ms at 500 us).
-    gil_switch_interval_us: int = 500
     #: xgboost threads per tree-stage call (1: latency; the encoder owns the other core).
     tree_threads: int = 1
     #: Requests per pipeline call in offline scoring (`uwrt score`).
@@ -105,8 +101,7 @@ class RuntimeConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
-        for name in ("max_request_events", "max_request_bytes", "score_batch_size", "tree_threads",
-                     "gil_switch_interval_us"):
+        for name in ("max_request_events", "max_request_bytes", "score_batch_size", "tree_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.torch_threads < 0 or not 0 <= self.port <= 65535 or self.grace_s < 0:
@@ -164,9 +159,7 @@ class RuntimeConfig:
         return _build(cls, values)
 
     def apply_threads(self) -> None:
-        """Set torch's intra-op thread count and the GIL switch interval (process-wide)."""
-        import sys
-        sys.setswitchinterval(self.gil_switch_interval_us / 1e6)
+        """Set torch's intra-op thread count (process-wide)."""
         if self.torch_threads:
             import torch
             torch.set_num_threads(self.torch_threads)
