@@ -36,7 +36,7 @@ import threading
 import time
 
 from bench import loadgen
-from bench.loadgen import StepSpec, SweepSpec
+from bench.loadgen import StepSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RATES = "100,200,300,500,750,1000,1250,1500,2000"

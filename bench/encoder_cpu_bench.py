@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -33,16 +32,11 @@ from runtime.encoder import TorchEncoderBackend
 from runtime.encoder_onnx import OnnxEncoderBackend
 from runtime.encoder_script import TorchScriptEncoderBackend
 from runtime.featurize import Limits, featurize
-from runtime.warmup import warmup_batches, warmup_shapes
+from runtime.warmup import warmup_batches
 from uwrt_demo.synth import generate
+from bench.meta import git_sha  # noqa: E402
 
 
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        return sha
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def shapes(bundle, n_gen: int, seed: int) -> list[tuple[str, object]]:

@@ -54,7 +54,6 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -65,6 +64,7 @@ import grpc
 import numpy as np
 
 from bench.hist import Histogram
+from bench.meta import git_sha  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("queue_us", "featurize_us", "encode_us", "trees_us", "policy_us", "total_us")
@@ -752,13 +752,6 @@ def write_json(path: str, meta: dict, rows: list[dict]) -> None:
         json.dump(_json_safe(dict(meta=meta, steps=rows)), fh, indent=1)
 
 
-def git_sha() -> str:
-    try:
-        run = lambda *a: subprocess.run(a, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        return run("git", "rev-parse", "--short", "HEAD") + (
-            "-dirty" if run("git", "status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def machine_meta() -> dict:

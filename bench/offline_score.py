@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -24,15 +23,9 @@ import torch
 from runtime.config import RuntimeConfig
 from runtime.pipeline import Pipeline, StageTimes
 from uwrt_demo.synth import generate
+from bench.meta import git_sha  # noqa: E402
 
 
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run(pipe: Pipeline, reqs: list, bs: int) -> tuple[float, dict[str, int]]:

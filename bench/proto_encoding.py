@@ -24,7 +24,6 @@ import operator
 import os
 import platform
 import statistics
-import subprocess
 import time
 
 import numpy as np
@@ -33,6 +32,7 @@ from google.protobuf import __version__ as protobuf_version
 from google.protobuf.internal import api_implementation
 
 from runtime.pb import pb
+from bench.meta import git_sha  # noqa: E402
 
 COLUMNS = ("timestamp_unix_s", "type", "amount_minor", "mcc", "days_past_due",
            "installment_index")
@@ -140,13 +140,6 @@ def measure(fn, rounds, round_ms):
             "max_us": max(per_call) / 1e3, "reps_per_round": reps}
 
 
-def git_sha():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=os.path.dirname(__file__)
-                              ).stdout.strip() or "uncommitted"
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
 
 
 def main():

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,15 +32,9 @@ import xgboost as xgb
 from runtime.bundle import load_bundle
 from runtime.tree_native import build_native
 from runtime.trees import TreeExplainer, load_booster
+from bench.meta import git_sha  # noqa: E402
 
 
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def synthetic_model(cache: str | None) -> xgb.Booster:

@@ -24,13 +24,13 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.meta import git_sha  # noqa: E402
 
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.native_cache import default_cache_dirs  # noqa: E402
@@ -40,15 +40,6 @@ from runtime.tree_router import DEFAULT_BATCH_SIZES, RoutedTreeStage  # noqa: E4
 from runtime.trees import XGBoostTreeStage, load_booster  # noqa: E402
 
 
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def realistic_rows(bundle_path: str, n: int, seed: int) -> np.ndarray:

@@ -287,7 +287,7 @@ def build_tree_stage(booster, bundle=None, *, paths: Sequence[str] = ("native", 
     Thread safety: call once at load; compiles serialise on the cache's per-key lock.
     """
     from runtime.native_cache import default_cache_dirs
-    from runtime.tree_compile import TreeCompileError, compile_tl2cgen, golden_rows
+    from runtime.tree_compile import compile_tl2cgen, golden_rows
     booster.set_param({"nthread": tree_threads})
     unknown = [p for p in paths if p not in KNOWN_PATHS]
     if unknown or not paths:

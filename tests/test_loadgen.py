@@ -12,7 +12,7 @@ import pytest
 
 from bench import loadgen
 from bench.hist import Histogram
-from bench.loadgen import Recorder, StepRaw, StepSpec, drive_open, summarize
+from bench.loadgen import Recorder, StepSpec, drive_open, summarize
 from bench.traffic import RequestSource, schedule
 from runtime.batching import BatchingConfig
 from runtime.config import RuntimeConfig

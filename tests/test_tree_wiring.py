@@ -1,9 +1,7 @@
 """The tree stage and reasons as the pipeline and server build them from the configuration:
 tree_path routes, compiled reasons == xgboost's, fallbacks logged and counted, GetModelInfo."""
-import dataclasses
 import logging
 
-import numpy as np
 import pytest
 
 from runtime.config import RuntimeConfig
