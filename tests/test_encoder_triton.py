@@ -80,8 +80,8 @@ def test_batch_invariance(rng, tri):
     """A request's embedding alone == inside a batch (other buckets, other neighbours).
 
     Compiled kernels: bit-identical wherever it sits. Interpreter: bit-identical when it starts at
-    the same row position modulo 16 (numpy's matmul rounds by position inside a tile); within
-    1e-6 otherwise."""
+    the same row position modulo 16 (numpy's matmul rounds by position inside a tile); within a
+    few float32 ulps otherwise (|diff| <= 1e-6 + 2e-6 * |value|: seed 2163798105 gave 1.07e-6 on 1.748)."""
     probe = random_packed([9], rng)
     alone = tri.encode(probe)
     aligned = concat([random_packed([5, 11], rng), probe, random_packed([3], rng)])    # probe starts at row 16
@@ -91,7 +91,7 @@ def test_batch_invariance(rng, tri):
     if DEV == "cuda":
         np.testing.assert_array_equal(got, alone[0])
     else:
-        np.testing.assert_allclose(got, alone[0], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(got, alone[0], atol=1e-6, rtol=2e-6)
 
 
 def test_chunks_batches_over_the_largest_bucket_and_runs_past_the_largest_token_bucket(rng, state, ref):
