@@ -1,5 +1,10 @@
-"""Compute kernels for the packed sequence encoder.
+"""Compute kernels for the packed (ragged, unpadded) sequence encoder.
 
-Each op has a pure-torch reference (also the CPU serving path) in `kernels.reference`; the fused
-Triton implementations and the dispatch module build on these (see the kernels issue).
+One op per module, each with its Triton kernel, host launcher and pure-torch reference:
+`prologue` (embedding gathers + input projection), `ln_qkv` (LayerNorm + linear), `attention`
+(variable-length attention), `attn_block` (attention + output projection + residual +
+LayerNorm), `mlp` (fused GELU MLP + residual), `epilogue` (final LayerNorm + pooling).
+`reference` holds the CPU path's packed-layout ops (bucketed attention, segment mean);
+`dispatch` chooses Triton or the reference per op; `compile_check` compiles every kernel
+variant for sm_80 / sm_90 without a GPU.
 """
