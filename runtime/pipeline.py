@@ -24,7 +24,7 @@ from runtime.errors import InvalidRequest
 from runtime.featurize import FeatureBatch, Limits, featurize
 from runtime.pb import pb
 from runtime.policy import ADVERSE, counteroffer_amount, outcome_for, score_for, top_reasons
-from runtime.trees import FallbackExplainer, TreeExplainer, TreeStage, XGBoostTreeStage, load_booster
+from runtime.trees import FallbackExplainer, TreeExplainer, TreeStage, load_booster
 
 log = logging.getLogger("uwrt.pipeline")
 
@@ -62,13 +62,13 @@ def _triton_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderB
     from runtime.encoder_triton import TritonEncoderBackend
     b = cfg.batching
     return TritonEncoderBackend(bundle.encoder_config, bundle.encoder_state(), device=device,
-                                batch_buckets=_batch_buckets(b.max_batch_size),
+                                batch_buckets=pow2_buckets(b.max_batch_size),
                                 token_buckets=_token_buckets(bundle.encoder_config.max_history, b))
 
 
-def _batch_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """Powers of two below max_batch_size, then max_batch_size (CUDA-graph batch buckets: no
-    graph is captured for a batch the batcher never forms)."""
+def pow2_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below max_batch_size, then max_batch_size: the batch sizes the batcher can
+    form, as CUDA-graph batch buckets and as the tree router's calibration sizes."""
     out, n = [], 1
     while n < max_batch_size:
         out.append(n)
@@ -127,20 +127,19 @@ def build_trees(bundle: Bundle, cfg: RuntimeConfig, *, tree_threads: int | None 
     from runtime.tree_router import build_tree_stage
     threads = cfg.tree_threads if tree_threads is None else tree_threads
     cache_dirs = [cfg.tree_cache_dir] if cfg.tree_cache_dir else default_cache_dirs(bundle.path)
-    paths = TREE_PATHS[cfg.tree_path]
-    if paths == ("xgboost",):
-        stage, report = XGBoostTreeStage(load_booster(bundle.tree_model_bytes(), nthread=threads)), {"built": ["xgboost"]}
-    else:   # the factory sets nthread on the booster it gets: give it its own
-        stage, report = build_tree_stage(load_booster(bundle.tree_model_bytes(), nthread=threads), bundle,
-                                         paths=paths, cache_dirs=cache_dirs, tree_threads=threads, calibrate=False)
-    xgb_explainer = TreeExplainer(load_booster(bundle.tree_model_bytes(), nthread=threads))
+    # the factory sets nthread on the booster it gets: the stage and the explainer each own one
+    stage, report = build_tree_stage(load_booster(bundle.tree_model_bytes(), nthread=threads), bundle,
+                                     paths=TREE_PATHS[cfg.tree_path], cache_dirs=cache_dirs, tree_threads=threads,
+                                     calibrate=False)
+    booster = load_booster(bundle.tree_model_bytes(), nthread=threads)
+    xgb_explainer = TreeExplainer(booster)
     explainer, report["reasons"] = xgb_explainer, "xgboost"
     if cfg.reasons_path == "native":
         native = report.pop("native_explainer", None)
         if native is None:
             try:
                 from runtime.tree_native import build_native
-                _, native = build_native(load_booster(bundle.tree_model_bytes(), nthread=threads), cache_dirs)
+                _, native = build_native(booster, cache_dirs)
             except Exception as e:  # noqa: BLE001 - reasons must still work: slower, and said so
                 log.warning("compiled TreeSHAP unavailable (%s: %s); reasons via xgboost pred_contribs (ms a row)",
                             type(e).__name__, e)

@@ -32,7 +32,7 @@ from runtime.config import RuntimeConfig
 from runtime.errors import InvalidRequest, UwrtError
 from runtime.featurize import Limits
 from runtime.pb import pb, pb_grpc
-from runtime.pipeline import Pipeline, StageTimes
+from runtime.pipeline import Pipeline, StageTimes, pow2_buckets
 from runtime.warmup import warmup_batches
 
 log = logging.getLogger("uwrt.server")
@@ -46,15 +46,6 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return e.code, str(e)
     log.exception("internal error", exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
-
-
-def _pow2_upto(n: int) -> list[int]:
-    """1, 2, 4, ... below n, then n: the batch sizes the tree router is calibrated at."""
-    out, b = [], 1
-    while b < n:
-        out.append(b)
-        b *= 2
-    return out + [n]
 
 
 class ServingRuntime:
@@ -102,7 +93,7 @@ class ServingRuntime:
         for p in range(passes):
             if p == 1:      # after the cold pass: time the tree paths per batch size on this machine
                 t0 = time.perf_counter()
-                self.pipeline.calibrate_trees(batches, batch_sizes=_pow2_upto(self.cfg.batching.max_batch_size))
+                self.pipeline.calibrate_trees(batches, batch_sizes=pow2_buckets(self.cfg.batching.max_batch_size))
                 log.info("tree stage %s calibrated in %.1fs: %s", self.pipeline.trees.name, time.perf_counter() - t0,
                          self.pipeline.tree_stats())
             for batch in batches:
