@@ -1,7 +1,8 @@
 # uwrt developer entry points. Every target installs what it needs into $(VENV) first.
 #   make serve  install (CPU profile), build the demo bundle if missing, start the server
 #   make demo   install, build the demo bundle if missing, score sample applicants offline
-#   make test   install (CPU profile + test tools), run the test suite
+#   make test   install (CPU profile + test tools), lint + type-check, run the test suite
+#   make lint   ruff (whole tree) and mypy (uwrt.runtime, uwrt.kernels); config in pyproject.toml
 #   make microbench  pytest-benchmark suites (bench/micro), timed; JSON in bench/results/micro.json
 #   make compare     uwrt vs the naive server vs the Ray Serve peer through one sweep (bench/compare)
 PYTHON ?= python3.11
@@ -9,14 +10,14 @@ VENV   ?= .venv
 BUNDLE ?= bundles/demo
 BIN    := $(VENV)/bin
 
-.PHONY: install install-test bench-install bundle serve demo test microbench compare stubs clean
+.PHONY: install install-test bench-install bundle serve demo lint test microbench compare stubs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements/cpu.txt
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	$(BIN)/python scripts/check_torch_cpu.py
 
 install-test: install
@@ -35,7 +36,11 @@ demo: bundle
 	$(BIN)/uwrt generate --n 20 --seed 7 --out sample_requests.jsonl
 	$(BIN)/uwrt score --bundle $(BUNDLE) --input sample_requests.jsonl
 
-test: install-test
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 microbench: install-test bundle

@@ -8,11 +8,11 @@ the torch reference, on generator length mixes and fixed shapes, with the roofli
 Every provider maps packed qkv [T, 3*H*Dh] + cu_seqlens to packed out [T, H*Dh] (what the encoder
 needs), so padding/unpadding is part of the padded providers' cost; `sdpa_padded_core` also times
 the SDPA call alone on pre-padded [B, H, Lmax, Dh] tensors. Providers:
-  triton            kernels.attention (cuda: compiled; cpu: the interpreter on ONE tiny case only,
+  triton            uwrt.kernels.attention (cuda: compiled; cpu: the interpreter on ONE tiny case only,
                     marked "interpreter": a smoke run whose time means nothing)
   triton_graph      (cuda) the same launch captured once in a CUDA graph and replayed: the kernel
                     without Python launch overhead, as the graph-captured encoder runs it
-  torch_reference   kernels.reference.varlen_attention (power-of-two length buckets + SDPA + mask)
+  torch_reference   uwrt.kernels.reference.varlen_attention (power-of-two length buckets + SDPA + mask)
   sdpa_padded       pad to [B, H, Lmax, Dh], SDPA with a key padding mask, unpad
   sdpa_nested       SDPA on nested (jagged) tensors; "unsupported" rows say why where it cannot run
 Cases: lengths of featurized generator histories (min(len, max_history=128), >= 1 token; a
@@ -37,10 +37,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.meta import git_sha  # noqa: E402
-
 import torch
 import torch.nn.functional as F
+
+from uwrt.bench.meta import git_sha  # noqa: E402
 
 MAX_HISTORY = 128
 
@@ -50,7 +50,7 @@ MAX_HISTORY = 128
 def length_pool(n: int) -> tuple[np.ndarray, str]:
     """History lengths as the encoder sees them: min(len, MAX_HISTORY), an empty history -> 1 token."""
     try:
-        from uwrt_demo.synth import generate
+        from uwrt.demo.synth import generate
         lens = np.array([len(r.history.type) for r in generate(n, 3, id_prefix="ab-").requests])
         src = "generator"
     except Exception as e:  # noqa: BLE001 -- still a useful benchmark; said so in the output
@@ -71,12 +71,12 @@ def cases(pool: np.ndarray) -> list[tuple[str, np.ndarray]]:
 # Providers: f(qkv [T, 3d], cu device int32, cu host, H, Dh) -> [T, d]
 
 def prov_triton(qkv, cu_d, cu_h, H, Dh):
-    from kernels.attention import attention
+    from uwrt.kernels.attention import attention
     return attention(qkv, cu_d, n_heads=H, head_dim=Dh, max_seqlen=int(np.diff(cu_h).max()))
 
 
 def prov_reference(qkv, cu_d, cu_h, H, Dh):
-    from kernels.reference import varlen_attention
+    from uwrt.kernels.reference import varlen_attention
     T = qkv.shape[0]
     q, k, v = qkv.view(T, 3, H, Dh).unbind(1)
     return varlen_attention(q, k, v, cu_h).reshape(T, -1)
@@ -217,7 +217,7 @@ def main() -> int:
         print("no CUDA device")
         return 2
     if device.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"    # before kernels.attention (imported below) defines its kernels
+        os.environ["TRITON_INTERPRET"] = "1"    # before uwrt.kernels.attention (imported below) defines its kernels
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     reps = args.reps or (100 if device.type == "cuda" else 10)
     H, Dh = args.heads, args.head_dim
@@ -225,7 +225,7 @@ def main() -> int:
     elem = torch.tensor([], dtype=dtype).element_size()
     torch.manual_seed(0)
 
-    from kernels.attention import attention_reference, interpreting
+    from uwrt.kernels.attention import attention_reference, interpreting
     pool, src = length_pool(2000)
     bw, fl, peak_note = measure_peaks(device, dtype, args)
     env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

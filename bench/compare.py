@@ -4,9 +4,9 @@
                   [--duration 8] [--common-rate 1000] [--p99-limit-ms 10] [--out bench/results/compare]
 
 Each server is started as a subprocess, one at a time (`uwrt serve --port 0`,
-`python -m bench.naive_server`, `python -m bench.ray_peer`), waited for until it prints its
+`python -m uwrt.bench.naive_server`, `python -m uwrt.bench.ray_peer`), waited for until it prints its
 "... serving on HOST:PORT" line (each prints it only once warm and answering), then driven by
-the load generator (bench.loadgen: open loop, Poisson arrivals by default, unary Decide, latency
+the load generator (uwrt.bench.loadgen: open loop, Poisson arrivals by default, unary Decide, latency
 from the intended send time, warm-up first) through the same rates, then stopped with SIGTERM.
 A server whose last two steps failed badly (p99 counting failures > `--give-up-factor` x the
 limit) skips the higher rates of the sweep, except the common rate, which every server runs.
@@ -35,8 +35,8 @@ import sys
 import threading
 import time
 
-from bench import loadgen
-from bench.loadgen import StepSpec
+from uwrt.bench import loadgen
+from uwrt.bench.loadgen import StepSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RATES = "100,200,300,500,750,1000,1250,1500,2000"
@@ -45,11 +45,11 @@ DEFAULT_RATES = "100,200,300,500,750,1000,1250,1500,2000"
 def server_command(name: str, bundle: str, extra: str) -> list[str]:
     py = sys.executable
     if name == "uwrt":
-        return [py, "-m", "runtime.cli", "serve", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
+        return [py, "-m", "uwrt.runtime.cli", "serve", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
     if name == "naive":
-        return [py, "-m", "bench.naive_server", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
+        return [py, "-m", "uwrt.bench.naive_server", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
     if name == "ray":
-        return [py, "-m", "bench.ray_peer", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
+        return [py, "-m", "uwrt.bench.ray_peer", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
     raise ValueError(f"unknown server {name!r}")
 
 
@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--uwrt-args", default="", help="extra `uwrt serve` flags")
-    ap.add_argument("--naive-args", default="", help="extra bench.naive_server flags")
-    ap.add_argument("--ray-args", default="", help="extra bench.ray_peer flags")
+    ap.add_argument("--naive-args", default="", help="extra uwrt.bench.naive_server flags")
+    ap.add_argument("--ray-args", default="", help="extra uwrt.bench.ray_peer flags")
     ap.add_argument("--start-timeout-s", type=float, default=300.0)
     ap.add_argument("--out", default="bench/results/compare", help="output directory")
     ap.add_argument("--quiet", action="store_true", help="no live progress line")
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(loadgen._json_safe(dict(meta=meta, servers=results)), fh, indent=1)
     png = os.path.join(args.out, "compare.png")
     try:
-        from bench.plot import plot_latency_vs_rate
+        from uwrt.bench.plot import plot_latency_vs_rate
         plot_latency_vs_rate({r["name"]: r["rows"] for r in ok}, png, p99_limit_ms=args.p99_limit_ms,
                              title=f"uwrt vs naive vs Ray Serve: latency vs offered rate ({meta['git']})")
     except ImportError as e:

@@ -31,9 +31,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.meta import git_sha  # noqa: E402
-
-
+from uwrt.bench.meta import git_sha  # noqa: E402
 
 
 def load_pool(bundle_dir: str, n: int):
@@ -43,17 +41,18 @@ def load_pool(bundle_dir: str, n: int):
     load here (e.g. a GPU host whose protobuf differs), a synthetic pool with the generator's length
     mix (p50 ~15, p90 ~65, max 128) and random weights, said so in the output."""
     try:
-        from runtime.bundle import load_bundle
-        from runtime.featurize import featurize
-        from uwrt_demo.synth import generate
+        from uwrt.demo.synth import generate
+        from uwrt.runtime.bundle.bundle import load_bundle
+        from uwrt.runtime.featurize import featurize
         bundle = load_bundle(bundle_dir)
         fb, _ = featurize(generate(n, 5, id_prefix="b-").requests, bundle.schema, bundle.encoder_config)
         return bundle.encoder_config, bundle.encoder_state(), fb.events, fb, bundle, "generator + " + bundle_dir
     except Exception as e:  # noqa: BLE001 -- benchmark still useful on synthetic data; reported
         import torch
-        from runtime.encoder import SequenceEncoder
-        from runtime.featurize import PackedEvents
-        from runtime.schema import EncoderConfig
+
+        from uwrt.runtime.bundle.schema import EncoderConfig
+        from uwrt.runtime.encoders.torch_encoder import SequenceEncoder
+        from uwrt.runtime.featurize import PackedEvents
         cfg = EncoderConfig()
         torch.manual_seed(0)
         state = SequenceEncoder(cfg).state_dict()
@@ -72,7 +71,8 @@ def padded_sdpa_backend(cfg, state, device):
     """Torch baseline that pads the batch to [B, max_len] and runs SDPA with a key mask."""
     import torch
     import torch.nn.functional as F
-    from runtime.encoder import SequenceEncoder
+
+    from uwrt.runtime.encoders.torch_encoder import SequenceEncoder
 
     m = SequenceEncoder(cfg)
     m.load_state_dict(state)
@@ -137,7 +137,8 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")     # before any kernels module is imported
     import torch
-    from runtime.encoder import TorchEncoderBackend
+
+    from uwrt.runtime.encoders.torch_encoder import TorchEncoderBackend
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("encoder_bench: --device cuda but CUDA is not available", file=sys.stderr)
@@ -164,10 +165,10 @@ def main(argv=None) -> int:
     # The same pre-drawn batches for every backend (fair comparison; graphs captured up front).
     rng = np.random.default_rng(0)
     drawn = {bs: draw_batches(pool, bs, warm + (reps if bs < 256 else max(reps // 4, 5)), rng) for bs in batches}
-    from runtime.encoder_triton import TritonEncoderBackend
+    from uwrt.runtime.encoders.triton_encoder import TritonEncoderBackend
     backends = []
     if args.device == "cpu":
-        from runtime.encoder_script import TorchScriptEncoderBackend
+        from uwrt.runtime.encoders.torchscript_encoder import TorchScriptEncoderBackend
         backends = [("torch", TorchEncoderBackend(cfg, state), batches),
                     ("torchscript", TorchScriptEncoderBackend(cfg, state), batches)]
     else:
@@ -220,8 +221,8 @@ def main(argv=None) -> int:
         out = {tag: be.encode(ev) for tag, be in (("fp16", e16), ("fp32", e32), ("torch", eref))}
         pd = {}
         try:
-            from runtime.featurize import FeatureBatch
-            from runtime.pipeline import Pipeline
+            from uwrt.runtime.featurize import FeatureBatch
+            from uwrt.runtime.pipeline import Pipeline
             pipe = Pipeline(bundle, encoder=eref)
             sub = FeatureBatch(list(sel), [fb.request_ids[i] for i in sel], ev, fb.tabular[sel])
             for tag, emb in out.items():

@@ -8,7 +8,7 @@ microseconds per `encode` call, one thread each.
 
 Shapes: generator batches (featurized synthetic applicants, their natural length mix) of 1, 8,
 32, 64, 256 requests, and the single-bucket batches the server forms (each length bucket at
-batch 1 and at the largest batch the default caps allow: runtime.warmup.warmup_shapes). Calls
+batch 1 and at the largest batch the default caps allow: uwrt.runtime.serving.warmup.warmup_shapes). Calls
 alternate between backends (round robin per shape) so machine noise hits them alike; compare
 backends as ratios within one run. Also checks that every backend's embeddings agree with
 eager torch on each shape (max abs difference) and reports whether they are bit-identical:
@@ -26,17 +26,15 @@ import time
 import numpy as np
 import torch
 
-from runtime.batching import BatchingConfig
-from runtime.bundle import load_bundle
-from runtime.encoder import TorchEncoderBackend
-from runtime.encoder_onnx import OnnxEncoderBackend
-from runtime.encoder_script import TorchScriptEncoderBackend
-from runtime.featurize import Limits, featurize
-from runtime.warmup import warmup_batches
-from uwrt_demo.synth import generate
-from bench.meta import git_sha  # noqa: E402
-
-
+from uwrt.bench.meta import git_sha  # noqa: E402
+from uwrt.demo.synth import generate
+from uwrt.runtime.bundle.bundle import load_bundle
+from uwrt.runtime.encoders.onnx_encoder import OnnxEncoderBackend
+from uwrt.runtime.encoders.torch_encoder import TorchEncoderBackend
+from uwrt.runtime.encoders.torchscript_encoder import TorchScriptEncoderBackend
+from uwrt.runtime.featurize import Limits, featurize
+from uwrt.runtime.serving.batching import BatchingConfig
+from uwrt.runtime.serving.warmup import warmup_batches
 
 
 def shapes(bundle, n_gen: int, seed: int) -> list[tuple[str, object]]:

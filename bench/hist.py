@@ -93,7 +93,7 @@ class Histogram:
         self.min = lo if self.min is None else min(self.min, lo)
         self.max = hi if self.max is None else max(self.max, hi)
 
-    def add(self, other: "Histogram") -> None:
+    def add(self, other: Histogram) -> None:
         """Merge another histogram of the same layout into this one."""
         if (other.p, other.max_bits) != (self.p, self.max_bits):
             raise ValueError("histograms of different layouts")
@@ -142,7 +142,7 @@ class Histogram:
                     count=self.count, total=self.total, min=self.min, max=self.max)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Histogram":
+    def from_dict(cls, d: dict) -> Histogram:
         h = cls(d["p"], d["max_bits"])
         h.counts[np.asarray(d["idx"], np.int64)] = np.asarray(d["n"], np.int64)
         h.count, h.total, h.min, h.max = d["count"], d["total"], d["min"], d["max"]

@@ -6,7 +6,7 @@
     uwrt bench --target HOST:PORT --concurrency 16 --duration 10               # closed loop, 16 in flight
     uwrt bench --target HOST:PORT --rate 500 --stream                          # DecideStream instead of unary
     uwrt bench --target HOST:PORT --rate 3000 --rpc health --procs 2           # the generator's own ceiling
-    python -m bench.loadgen ...                                                # the same, without the CLI
+    python -m uwrt.bench.loadgen ...                                                # the same, without the CLI
 
 Traffic: generator applicants (`--pool N --seed S`) or `--input requests.jsonl`, pre-serialized,
 each with a unique request id. Open loop (default): a seeded schedule of intended send times,
@@ -21,7 +21,7 @@ also count from the intended time; a request whose deadline passed before it cou
 "unsent". A send more than 1 ms after its intended time is "late"; a step where more than 1% of
 sends were late, or any was unsent, is flagged GENERATOR FELL BEHIND, and the achieved send
 rate is printed next to the target. Latencies go into microsecond-resolution log-linear
-histograms (`bench.hist`, <= 0.1% error above 2 ms, exact below).
+histograms (`uwrt.bench.hist`, <= 0.1% error above 2 ms, exact below).
 
 Per step: target and achieved rate, completed rate, p50/p90/p99/p99.9/max over successful
 responses (and `p99_all_ms`, where a failed request counts as never answered), errors by gRPC
@@ -32,7 +32,7 @@ policy_us of adverse vs other responses, the mean batch size
 (GetModelInfo `stats.requests` / `stats.batches` deltas, when the server has them), late sends
 and send lag, and the generator's own CPU per request. A live progress line runs on stderr.
 Output: a table on stdout, `--json` ({meta, steps}) and `--csv` (one row per step) for machines,
-`--plot` a latency-vs-rate PNG for people (bench.plot).
+`--plot` a latency-vs-rate PNG for people (uwrt.bench.plot).
 
 One process drives a few thousand requests/s on this 2-core machine (measure it: `--rpc health`);
 `--procs K` splits the schedule over K worker processes (Poisson r/K each, or constant r/K with
@@ -58,13 +58,14 @@ import sys
 import threading
 import time
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
 
-from bench.hist import Histogram
-from bench.meta import git_sha  # noqa: E402
+from uwrt.bench.hist import Histogram
+from uwrt.bench.meta import git_sha  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("queue_us", "featurize_us", "encode_us", "trees_us", "policy_us", "total_us")
@@ -122,7 +123,7 @@ class StepRaw:
         self.send_span_s = 0.0         # first intended send -> last actual send (max over workers)
         self.wall_s = 0.0              # first intended send -> last completion (max over workers)
 
-    def merge(self, o: "StepRaw") -> None:
+    def merge(self, o: StepRaw) -> None:
         self.lat.add(o.lat)
         self.lag.add(o.lag)
         for k in STAGES:
@@ -143,7 +144,7 @@ class StepRaw:
                     cpu_s=self.cpu_s, wall_s=self.wall_s, send_span_s=self.send_span_s)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StepRaw":
+    def from_dict(cls, d: dict) -> StepRaw:
         r = cls()
         r.lat, r.lag = Histogram.from_dict(d["lat"]), Histogram.from_dict(d["lag"])
         r.stages = {k: Histogram.from_dict(v) for k, v in d["stages"].items()}
@@ -223,7 +224,8 @@ class UnaryTransport:
 
     def __init__(self, channel: grpc.aio.Channel, rpc: str, metadata: tuple = ()) -> None:
         from grpc_health.v1 import health_pb2
-        from runtime.pb import pb
+
+        from uwrt.runtime.pb import pb
         method, resp_type = {"decide": (DECIDE, pb.DecisionResponse), "info": (INFO, pb.ModelInfo),
                              "health": (HEALTH, health_pb2.HealthCheckResponse)}[rpc]
         self.decide = rpc == "decide"
@@ -250,7 +252,7 @@ class StreamTransport:
     as CLIENT_TIMEOUT; an in-band error counts under its status name."""
 
     def __init__(self, channel: grpc.aio.Channel, metadata: tuple = ()) -> None:
-        from runtime.pb import pb
+        from uwrt.runtime.pb import pb
         self.stub = channel.stream_stream(DECIDE_STREAM, request_serializer=None,
                                           response_deserializer=pb.DecisionResponse.FromString)
         self.metadata = metadata or None
@@ -293,7 +295,7 @@ class StreamTransport:
         self.outq.put_nowait(payload)
         try:
             resp = await asyncio.wait_for(fut, timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.waiting.pop(rid, None)
             return "CLIENT_TIMEOUT", None
         if resp is None:
@@ -306,7 +308,7 @@ class StreamTransport:
         self.outq.put_nowait(None)
         try:
             await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.call_obj.cancel()
 
 
@@ -432,7 +434,7 @@ async def _run_step_async(target: str, spec: StepSpec, source, t0: float | None,
             conc = max(1, round(spec.concurrency * share))
             await drive_closed(transport, make, conc, t0, spec.duration_s, spec.timeout_s, rec)
         else:
-            from bench.traffic import schedule
+            from uwrt.bench.traffic import schedule
             offs = schedule(spec.rate * share, spec.duration_s, spec.arrivals, rng, phase)
             rec.raw.scheduled = len(offs)
             if source is None:
@@ -484,7 +486,7 @@ def _worker_main(wid: int, nworkers: int, target: str, src_args: dict, metadata:
 
 
 def _make_source(kind: str, pool: int = 2000, seed: int = 1, path: str | None = None, worker: int = 0):
-    from bench.traffic import RequestSource
+    from uwrt.bench.traffic import RequestSource
     if kind == "none":
         return None
     if kind == "jsonl":
@@ -547,7 +549,7 @@ class WorkerPool:
 
 async def _info(channel: grpc.aio.Channel, metadata: tuple = ()) -> dict | None:
     """GetModelInfo settings, or None when the server has no such RPC (e.g. a peer framework)."""
-    from runtime.pb import pb
+    from uwrt.runtime.pb import pb
     stub = channel.unary_unary(INFO, request_serializer=pb.GetModelInfoRequest.SerializeToString,
                                response_deserializer=pb.ModelInfo.FromString)
     try:
@@ -625,7 +627,7 @@ def run_step(target: str, spec: StepSpec, source=None, *, procs: int = 1, pool: 
              metadata: tuple = (), server_pid: int | None = None, progress: bool = False, label: str = "") -> dict:
     """Run one step against `target` and return its summary row (see `summarize`).
 
-    `source`: a bench.traffic.RequestSource for decide/stream (None for health/info). With
+    `source`: a uwrt.bench.traffic.RequestSource for decide/stream (None for health/info). With
     `pool` (K worker processes) the step is split across them; `procs` is only recorded."""
     prog = Progress(label or _label(spec), spec, progress)
     raw, batches, server_cpu = asyncio.run(_run_step_here(target, spec, source, prog, metadata, pool, server_pid))
@@ -755,7 +757,7 @@ def write_json(path: str, meta: dict, rows: list[dict]) -> None:
 
 
 def machine_meta() -> dict:
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), git=git_sha(),
+    return dict(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), git=git_sha(),
                 platform=platform.platform(), cpu_count=os.cpu_count(), python=platform.python_version(),
                 grpc=grpc.__version__)
 
@@ -955,7 +957,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.csv:
         write_csv(args.csv, rows)
     if args.plot:
-        from bench.plot import plot_latency_vs_rate
+        from uwrt.bench.plot import plot_latency_vs_rate
         plot_latency_vs_rate({meta["label"]: rows}, args.plot, p99_limit_ms=args.p99_limit_ms)
     return 0
 
@@ -964,7 +966,7 @@ async def _probe(target: str, metadata: tuple, timeout_s: float = 10.0) -> dict 
     async with grpc.aio.insecure_channel(target) as ch:
         try:
             await asyncio.wait_for(ch.channel_ready(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConnectionError(f"cannot reach a server at {target} within {timeout_s:g}s") from None
         return await _info(ch, metadata)
 
@@ -978,7 +980,7 @@ def register(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m uwrt.bench.loadgen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return cmd_bench(p.parse_args(argv))

@@ -1,6 +1,6 @@
 """The naive baseline server: the same model behind gRPC with no batching, the floor to beat.
 
-    python -m bench.naive_server --bundle bundles/demo [--port 0] [--workers 4] [--torch-threads 1]
+    python -m uwrt.bench.naive_server --bundle bundles/demo [--port 0] [--workers 4] [--torch-threads 1]
 
 A synchronous grpcio server (thread pool of `--workers` handler threads) serving the same
 Underwriting service: each Decide runs `Pipeline.decide([request])` on its own, so one request
@@ -30,9 +30,9 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from runtime.errors import InvalidRequest
-from runtime.pb import pb, pb_grpc
-from runtime.pipeline import Pipeline, StageTimes
+from uwrt.runtime.errors import InvalidRequest
+from uwrt.runtime.pb import pb, pb_grpc
+from uwrt.runtime.pipeline import Pipeline, StageTimes
 
 log = logging.getLogger("uwrt.bench.naive")
 
@@ -77,14 +77,14 @@ class NaiveService(pb_grpc.UnderwritingServicer):
         info = pb.ModelInfo(max_history=self.pipeline.encoder_config.max_history, profile="cpu-naive",
                             encoder_backend=self.pipeline.encoder.name, tree_backend=self.pipeline.trees.name)
         info.model.CopyFrom(self.pipeline.identity)
-        info.settings["server"] = "bench.naive_server (no batching)"
+        info.settings["server"] = "uwrt.bench.naive_server (no batching)"
         info.settings["stats.requests"] = str(self.requests)
         info.settings["stats.batches"] = str(self.requests)
         return info
 
 
 def warm_up(pipeline: Pipeline, n: int = 20) -> None:
-    from uwrt_demo.synth import generate
+    from uwrt.demo.synth import generate
     for r in generate(n, 12345, id_prefix="warm-").requests:
         pipeline.decide([r])
 
@@ -107,7 +107,7 @@ def build_server(pipeline: Pipeline, host: str = "127.0.0.1", port: int = 0, wor
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.naive_server", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m uwrt.bench.naive_server", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="bundles/demo")
     ap.add_argument("--host", default="127.0.0.1")

@@ -20,12 +20,10 @@ import time
 
 import torch
 
-from runtime.config import RuntimeConfig
-from runtime.pipeline import Pipeline, StageTimes
-from uwrt_demo.synth import generate
-from bench.meta import git_sha  # noqa: E402
-
-
+from uwrt.bench.meta import git_sha  # noqa: E402
+from uwrt.demo.synth import generate
+from uwrt.runtime.config import RuntimeConfig
+from uwrt.runtime.pipeline import Pipeline, StageTimes
 
 
 def run(pipe: Pipeline, reqs: list, bs: int) -> tuple[float, dict[str, int]]:

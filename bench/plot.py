@@ -1,6 +1,6 @@
 """Latency-vs-rate plots (PNG) of load-generator sweeps, for people. Headless (matplotlib Agg).
 
-    python -m bench.plot OUT.png RUN.json [RUN2.json ...]      # one series per `uwrt bench --json` file
+    python -m uwrt.bench.plot OUT.png RUN.json [RUN2.json ...]      # one series per `uwrt bench --json` file
 
 `plot_latency_vs_rate({label: rows}, path, p99_limit_ms=10)`: p99 (solid, with markers) and p50
 (dashed) against the target rate, log latency axis, one colour per server, the p99 limit as a

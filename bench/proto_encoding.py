@@ -27,12 +27,12 @@ import statistics
 import time
 
 import numpy as np
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf import __version__ as protobuf_version
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.internal import api_implementation
 
-from runtime.pb import pb
-from bench.meta import git_sha  # noqa: E402
+from uwrt.bench.meta import git_sha  # noqa: E402
+from uwrt.runtime.pb import pb
 
 COLUMNS = ("timestamp_unix_s", "type", "amount_minor", "mcc", "days_past_due",
            "installment_index")
@@ -153,7 +153,7 @@ def main():
     encodings = {"columnar": (pb.EventHistory, build_columnar, columnar_to_numpy),
                  "col_iter": (pb.EventHistory, build_columnar, columnar_to_numpy_fromiter),
                  "row_wise": (rows_cls, lambda h: build_rows(rows_cls, h), rows_to_numpy)}
-    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    meta = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "git_sha": git_sha(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "protobuf": protobuf_version,

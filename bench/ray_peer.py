@@ -1,12 +1,12 @@
 """The Ray Serve peer: the same pipeline behind Ray Serve's gRPC proxy with `@serve.batch`.
 
-    python -m bench.ray_peer --bundle bundles/demo [--port 0] [--max-batch-size 32]
+    python -m uwrt.bench.ray_peer --bundle bundles/demo [--port 0] [--max-batch-size 32]
         [--batch-wait-timeout-s 0.001] [--max-ongoing-requests 256]
 
 This is what a team would build instead of uwrt with an existing serving framework (Ray Serve,
 `pip install -r requirements/bench.txt`). It serves the same Underwriting proto, so the same
 load generator drives it: Ray's gRPC proxy (`serve.start(grpc_options=gRPCOptions(port=...,
-grpc_servicer_functions=["bench.ray_peer.add_servicer"]))`, which adds the generated
+grpc_servicer_functions=["uwrt.bench.ray_peer.add_servicer"]))`, which adds the generated
 `add_UnderwritingServicer_to_server` after registering protobuf pickling, see
 `register_pickling`) routes `/uwrt.v1.Underwriting/Decide` to the deployment's `Decide` method. With one application
 no routing metadata is needed.
@@ -46,12 +46,12 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVICER_FN = "bench.ray_peer.add_servicer"
+SERVICER_FN = "uwrt.bench.ray_peer.add_servicer"
 MESSAGES = ("DecisionRequest", "DecisionResponse", "GetModelInfoRequest", "ModelInfo")
 
 
 def _decode(name: str, data: bytes):
-    from runtime.pb import pb
+    from uwrt.runtime.pb import pb
     return getattr(pb, name).FromString(data)
 
 
@@ -65,14 +65,14 @@ def register_pickling() -> None:
     importable, so pickle them as (message name, serialized bytes) instead."""
     import copyreg
 
-    from runtime.pb import pb
+    from uwrt.runtime.pb import pb
     for name in MESSAGES:
         copyreg.pickle(getattr(pb, name), _reduce)
 
 
 def add_servicer(servicer, server) -> None:
     """The servicer function Ray's gRPC proxy loads: our proto's, after registering pickling."""
-    from runtime.pb import pb_grpc
+    from uwrt.runtime.pb import pb_grpc
     register_pickling()
     pb_grpc.add_UnderwritingServicer_to_server(servicer, server)
 
@@ -99,8 +99,8 @@ def build_app(bundle: str, settings: dict):
 
             import torch
 
-            from bench.ray_peer import register_pickling
-            from runtime.pipeline import Pipeline
+            from uwrt.bench.ray_peer import register_pickling
+            from uwrt.runtime.pipeline import Pipeline
             register_pickling()
             torch.set_num_threads(cfg["torch_threads"])
             self.pipe = Pipeline.from_dir(bundle_dir, tree_threads=cfg["tree_threads"],
@@ -109,7 +109,7 @@ def build_app(bundle: str, settings: dict):
             self.requests = self.batches = 0
             self.decide_batch.set_max_batch_size(cfg["max_batch_size"])
             self.decide_batch.set_batch_wait_timeout_s(cfg["batch_wait_timeout_s"])
-            from uwrt_demo.synth import generate
+            from uwrt.demo.synth import generate
             for r in generate(20, 12345, id_prefix="warm-").requests:   # warm up as the other servers do
                 self.pipe.decide([r])
 
@@ -125,8 +125,8 @@ def build_app(bundle: str, settings: dict):
 
             import grpc
 
-            from runtime.errors import InvalidRequest
-            from runtime.pb import pb
+            from uwrt.runtime.errors import InvalidRequest
+            from uwrt.runtime.pb import pb
             t0 = _t.perf_counter_ns()
             res = await self.decide_batch(request)
             if isinstance(res, InvalidRequest):
@@ -141,11 +141,11 @@ def build_app(bundle: str, settings: dict):
             return res
 
         async def GetModelInfo(self, request, context=None):
-            from runtime.pb import pb
+            from uwrt.runtime.pb import pb
             info = pb.ModelInfo(max_history=self.pipe.encoder_config.max_history, profile="ray-serve-peer",
                                 encoder_backend=self.pipe.encoder.name, tree_backend=self.pipe.trees.name)
             info.model.CopyFrom(self.pipe.identity)
-            info.settings["server"] = "bench.ray_peer (Ray Serve @serve.batch)"
+            info.settings["server"] = "uwrt.bench.ray_peer (Ray Serve @serve.batch)"
             info.settings["stats.requests"] = str(self.requests)
             info.settings["stats.batches"] = str(self.batches)
             return info
@@ -158,8 +158,8 @@ def _probe(target: str, timeout_s: float) -> None:
     replica is ready)."""
     import grpc
 
-    from runtime.pb import pb_grpc
-    from uwrt_demo.synth import generate
+    from uwrt.demo.synth import generate
+    from uwrt.runtime.pb import pb_grpc
     req = generate(1, 3, id_prefix="probe-").requests[0]
     end = time.monotonic() + timeout_s
     last = None
@@ -175,7 +175,7 @@ def _probe(target: str, timeout_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.ray_peer", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m uwrt.bench.ray_peer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="bundles/demo")
     ap.add_argument("--port", type=int, default=0, help="gRPC proxy port (0: a free one)")
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
         from ray import serve
-        from ray.serve.config import gRPCOptions, HTTPOptions
+        from ray.serve.config import HTTPOptions, gRPCOptions
     except ImportError as e:
         print(f"error: Ray Serve is not installed ({e}); pip install -r requirements/bench.txt", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Exact TreeSHAP and margin latency: xgboost vs the generated-C native path (runtime/tree_native.py).
+"""Exact TreeSHAP and margin latency: xgboost vs the generated-C native path (runtime/trees/native.py).
 
     PYTHONPATH=. python bench/shap_bench.py [--bundle bundles/demo] [--json bench/results/shap_bench.json]
 
@@ -29,12 +29,10 @@ import time
 import numpy as np
 import xgboost as xgb
 
-from runtime.bundle import load_bundle
-from runtime.tree_native import build_native
-from runtime.trees import TreeExplainer, load_booster
-from bench.meta import git_sha  # noqa: E402
-
-
+from uwrt.bench.meta import git_sha  # noqa: E402
+from uwrt.runtime.bundle.bundle import load_bundle
+from uwrt.runtime.trees.base import TreeExplainer, load_booster
+from uwrt.runtime.trees.native import build_native
 
 
 def synthetic_model(cache: str | None) -> xgb.Booster:

@@ -1,7 +1,7 @@
 """Traffic for the load generator: request payloads and arrival schedules.
 
-* `RequestSource`: generator traffic (`uwrt_demo.synth.generate`, a seeded pool of distinct
-  applicants) or a JSONL file of DecisionRequests (`runtime.jsonl` format). `payloads(n, tag)`
+* `RequestSource`: generator traffic (`uwrt.demo.synth.generate`, a seeded pool of distinct
+  applicants) or a JSONL file of DecisionRequests (`uwrt.runtime.jsonl` format). `payloads(n, tag)`
   returns n pre-serialized requests cycling through the pool, each with a unique request id
   (`<prefix><tag>-<i>`), so serialization never runs on the send path and responses can be
   matched to their request (streaming) by id.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.pb import pb
+from uwrt.runtime.pb import pb
 
 __all__ = ["RequestSource", "schedule"]
 
@@ -48,13 +48,13 @@ class RequestSource:
         self.id_prefix = id_prefix
 
     @classmethod
-    def generated(cls, n: int = 2000, seed: int = 1, *, id_prefix: str = "lg-") -> "RequestSource":
-        from uwrt_demo.synth import generate
+    def generated(cls, n: int = 2000, seed: int = 1, *, id_prefix: str = "lg-") -> RequestSource:
+        from uwrt.demo.synth import generate
         return cls(generate(n, seed, id_prefix=id_prefix).requests, id_prefix=id_prefix)
 
     @classmethod
-    def from_jsonl(cls, path: str, *, id_prefix: str = "lg-") -> "RequestSource":
-        from runtime.jsonl import read_jsonl
+    def from_jsonl(cls, path: str, *, id_prefix: str = "lg-") -> RequestSource:
+        from uwrt.runtime.jsonl import read_jsonl
         with open(path, encoding="utf-8") as fh:
             reqs = list(read_jsonl(fh))
         return cls(reqs, id_prefix=id_prefix)

@@ -7,7 +7,7 @@
 Paths: xgboost inplace_predict (reference), Treelite GTIL, tl2cgen Predictor + DMatrix, the
 TL2cgen library called directly (ctypes, branch-annotated on half of the input rows unless
 --no-annotate; the unannotated build is timed too as tl2cgen_noannot; --quantize adds a
-quantize=1 build), T2's native batch layout (runtime/tree_native.py, if present), ONNX Runtime,
+quantize=1 build), T2's native batch layout (runtime/trees/native.py, if present), ONNX Runtime,
 and the routed stage (calibrated in this process over native/tl2cgen/xgboost/onnx).
 
 Input rows: realistic model rows (synthetic requests -> featurize -> encoder -> the exact rows
@@ -30,23 +30,20 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.meta import git_sha  # noqa: E402
-
-from runtime.bundle import load_bundle  # noqa: E402
-from runtime.native_cache import default_cache_dirs  # noqa: E402
-from runtime.tree_compile import compile_tl2cgen, golden_rows, xgboost_margin  # noqa: E402
-from runtime.tree_paths import CompiledTreeStage, GTILStage, ONNXTreeStage, TL2cgenPredictorStage  # noqa: E402
-from runtime.tree_router import DEFAULT_BATCH_SIZES, RoutedTreeStage  # noqa: E402
-from runtime.trees import XGBoostTreeStage, load_booster  # noqa: E402
-
-
+from uwrt.bench.meta import git_sha  # noqa: E402
+from uwrt.runtime.bundle.bundle import load_bundle  # noqa: E402
+from uwrt.runtime.trees.base import XGBoostTreeStage, load_booster  # noqa: E402
+from uwrt.runtime.trees.cache import default_cache_dirs  # noqa: E402
+from uwrt.runtime.trees.paths import GTILStage, ONNXTreeStage, TL2cgenPredictorStage  # noqa: E402
+from uwrt.runtime.trees.router import DEFAULT_BATCH_SIZES, RoutedTreeStage  # noqa: E402
+from uwrt.runtime.trees.tl2cgen import CompiledTreeStage, compile_tl2cgen, golden_rows, xgboost_margin  # noqa: E402
 
 
 def realistic_rows(bundle_path: str, n: int, seed: int) -> np.ndarray:
     """The exact float32 rows the pipeline hands the tree stage, for n synthetic requests."""
-    from runtime.featurize import featurize
-    from runtime.pipeline import Pipeline
-    from uwrt_demo.synth import generate
+    from uwrt.demo.synth import generate
+    from uwrt.runtime.featurize import featurize
+    from uwrt.runtime.pipeline import Pipeline
     pipe = Pipeline.from_dir(bundle_path)
     reqs = generate(n, seed, id_prefix="tb-").requests
     out = []
@@ -154,7 +151,7 @@ def main() -> int:
         stages.append(CompiledTreeStage(qlib, name="tl2cgen_quantize"))
     native = None
     try:
-        from runtime.tree_native import build_native
+        from uwrt.runtime.trees.native import build_native
         t0 = time.perf_counter()
         native, _explainer = build_native(booster, cache_dirs, progress=lambda m: print(f"# {m}", file=sys.stderr))
         setup["native"] = {"load_s": round(time.perf_counter() - t0, 3)}
@@ -189,7 +186,7 @@ def main() -> int:
             results.append({"path": name, "batch": b, "median_us": round(float(np.median(a)), 2),
                             "p99_us": round(float(np.percentile(a, 99)), 2), "n": len(a)})
 
-    meta = {"bench": "trees", "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    meta = {"bench": "trees", "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "commit": git_sha(), "machine": f"{platform.machine()} {os.cpu_count()} cpus ({platform.node()})",
             "python": platform.python_version(), "versions": _versions(), "bundle": str(args.bundle),
             "model": info, "rows": rows_kind, "setup": setup, "parity_max_prob_diff": parity,

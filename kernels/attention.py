@@ -23,7 +23,7 @@ Every program loops over the H heads itself (H*Dh <= 256). Math in fp32 (fp32 do
 input_precision="ieee", i.e. no TF32), exp2 with the scale folded in, every computed row has at
 least one valid key, so no NaN can appear. Batch invariance: a segment's output depends only on
 its own tokens and length (fixed tiles, keys walked from its own start), so it is bit-identical
-whatever else shares the batch; tests/test_kernels_attention.py checks it.
+whatever else shares the batch; tests/kernels/test_attention.py checks it.
 
 Dtypes: float32 and float16 anywhere; bfloat16 only on CUDA (the Triton interpreter computes
 bf16 wrongly, triton #11584). Configs are frozen (`SHORT`, `LONG`, `NUM_WARPS`); no autotuning.
@@ -281,7 +281,7 @@ def attention_reference(qkv: torch.Tensor, cu_seqlens_host, n_heads: int, head_d
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile-only variants for kernels.compile_check (no interpreter): (kernel, signature, constexprs,
+# Compile-only variants for uwrt.kernels.compile_check (no interpreter): (kernel, signature, constexprs,
 # label, options). COMPILE_VARIANTS (always checked): every head dim in fp16, the demo shape
 # (H=4, Dh=16) in every dtype, batch buckets from 1 to 511 segments. COMPILE_VARIANTS_EXTRA
 # (--full): more shapes.

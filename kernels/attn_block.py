@@ -1,11 +1,11 @@
 """Attention + output projection + bias + residual + LayerNorm in one Triton kernel, plus its reference.
 
-The middle launch of an encoder layer (runtime/encoder.py's EncoderLayer):
+The middle launch of an encoder layer (runtime/encoders/torch_encoder.py's EncoderLayer):
     a      = attention within each segment of qkv           [T, d]   (d = H * Dh)
     x_new  = x + a @ W_out^T + b_out                          [T, d]   (returned, the residual stream)
     h      = LayerNorm(x_new; ln2 weight, bias, eps)          [T, d]   (returned, the MLP's input)
 Each program owns a block of query rows of one segment and computes ALL heads for them (the same
-flat grid, segment lookup and per-segment short/long paths as kernels.attention; see its
+flat grid, segment lookup and per-segment short/long paths as uwrt.kernels.attention; see its
 docstring), accumulating head h's contribution a_h @ W_out[:, h*Dh:(h+1)*Dh]^T into an fp32
 [rows, d] tile, so the out-projection, residual and LayerNorm happen in registers; `a` never
 touches memory. Rows [cu[B], T) that belong to no segment get a = 0: x_new = x + b_out,
@@ -13,7 +13,7 @@ h = LayerNorm(x_new) (finite whenever x is). The long path here takes BLOCK_M = 
 program (the [rows, d] fp32 tile must fit in registers for d up to 256).
 
 x_new may be written in place over x (`out_x=x`): every program reads its rows of x before it
-writes them, and no two programs share rows. Batch invariant like kernels.attention.
+writes them, and no two programs share rows. Batch invariant like uwrt.kernels.attention.
 
 Thread safety: stateless; safe from any thread.
 """
@@ -26,8 +26,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.attention import (BLOCK_S, LOG2E, NUM_STAGES, _head_long, _head_short, _locate, attention_reference,
-                               b_pad, check_inputs, dot_precision, grid_size)
+from uwrt.kernels.attention import (
+    BLOCK_S,
+    LOG2E,
+    NUM_STAGES,
+    _head_long,
+    _head_short,
+    _locate,
+    attention_reference,
+    b_pad,
+    check_inputs,
+    dot_precision,
+    grid_size,
+)
 
 #: Query rows per program on the long path (segments longer than BLOCK_S) and key block size.
 BLOCK_M = 32
@@ -138,7 +149,7 @@ def attn_block(qkv: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor, w_o
                out_h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_new, h) = (x + attention(qkv) @ w_out^T + b_out, LayerNorm(x_new)) in one launch.
 
-    qkv [T, 3d] and cu_seqlens as for kernels.attention.attention (same checks, no sync); x, out_x,
+    qkv [T, 3d] and cu_seqlens as for uwrt.kernels.attention.attention (same checks, no sync); x, out_x,
     out_h [T, d] with unit column stride; w_out [d, d] contiguous; b_out, ln_weight, ln_bias [d];
     all tensors share qkv's dtype and device. out_x may be x itself (in place). Grid and constants
     depend only on (T, B, dtype, H, Dh): capture-safe.
@@ -186,7 +197,7 @@ def attn_block_reference(qkv: torch.Tensor, x: torch.Tensor, cu_seqlens_host, w_
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile-only variants for kernels.compile_check (format: see kernels/compile_check.py).
+# Compile-only variants for uwrt.kernels.compile_check (format: see kernels/compile_check.py).
 
 def _variant(dtype: torch.dtype, H: int, DH: int, bp: int) -> tuple:
     ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]

@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant for real GPU targets on a machine with no GPU.
 
-    python -m kernels.compile_check [--arch 80,90] [--only SUBSTRING] [--full] [--jobs N] [--fresh] [--ptxas-info]
+    python -m uwrt.kernels.compile_check [--arch 80,90] [--only SUBSTRING] [--full] [--jobs N] [--fresh] [--ptxas-info]
 
 The interpreter (TRITON_INTERPRET=1, what the tests use without a GPU) accepts code the GPU
 compiler rejects (e.g. `tl.dot` tiles under 16, layout or shared-memory limits). This compiles
@@ -40,9 +40,9 @@ import traceback
 
 #: Op modules whose COMPILE_VARIANTS are compiled (one line per module; missing ones are skipped).
 MODULES = (
-    "kernels.attention",
-    "kernels.attn_block",
-    "kernels.ln_qkv", "kernels.mlp", "kernels.epilogue", "kernels.prologue",
+    "uwrt.kernels.attention",
+    "uwrt.kernels.attn_block",
+    "uwrt.kernels.ln_qkv", "uwrt.kernels.mlp", "uwrt.kernels.epilogue", "uwrt.kernels.prologue",
 )
 
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if _interpret_set():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "kernels.compile_check", *(argv if argv is not None else sys.argv[1:])]
+        cmd = [sys.executable, "-m", "uwrt.kernels.compile_check", *(argv if argv is not None else sys.argv[1:])]
         print("TRITON_INTERPRET is set: re-running without it", flush=True)
         return subprocess.call(cmd, env=env)
     if args.fresh:

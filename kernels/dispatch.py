@@ -4,7 +4,7 @@ Every op takes `impl`:
   * "triton": run the Triton kernel; raise `KernelUnavailable` (with the reason) if it cannot run
     here (CPU tensors without the interpreter, CUDA tensors with it, a missing op module, bf16
     in the interpreter, ...).
-  * "torch": run the torch reference (kernels.reference / each op module's `*_reference`).
+  * "torch": run the torch reference (uwrt.kernels.reference / each op module's `*_reference`).
   * "auto": Triton when it can run, else the reference. Each fallback is counted
     (`stats()["fallback.<op>"]`) and logged once per (op, reason) on logger "uwrt.kernels":
     a fallback is never silent.
@@ -14,7 +14,7 @@ TRITON_INTERPRET=1 set before the kernel modules were imported (the interpreter;
 Ops: prologue (embedding gathers + concat + in_proj), ln_linear (LN + QKV; pooling head), mlp,
 attention, attn_block (attention + out-proj + residual + LN2), pool_segments (final LN + mean +
 newest). attention/attn_block come from
-kernels.attention / kernels.attn_block when those modules exist; if kernels.attn_block is missing
+uwrt.kernels.attention / uwrt.kernels.attn_block when those modules exist; if uwrt.kernels.attn_block is missing
 its Triton form is composed from the Triton attention + ln_linear.
 
 The torch paths take the host copy of cu_seqlens (`cu_host`, numpy) so they never read device
@@ -36,8 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import epilogue, ln_qkv as _lnq, mlp as _mlp, prologue as _pro
-from kernels.reference import varlen_attention
+from uwrt.kernels import epilogue
+from uwrt.kernels import ln_qkv as _lnq
+from uwrt.kernels import mlp as _mlp
+from uwrt.kernels import prologue as _pro
+from uwrt.kernels.reference import varlen_attention
 
 log = logging.getLogger("uwrt.kernels")
 
@@ -58,7 +61,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _optional_module(name: str):
     """The module, or None if it does not exist (cached: checked once per process)."""
     try:
@@ -71,10 +74,10 @@ def _optional_module(name: str):
 
 def triton_blocker(op: str, *tensors: torch.Tensor) -> str | None:
     """Why `op` cannot run as a Triton kernel on these tensors, or None if it can."""
-    if op == "attention" and _optional_module("kernels.attention") is None:
-        return "module kernels.attention not found"
-    if op == "attn_block" and _optional_module("kernels.attention") is None:
-        return "modules kernels.attn_block / kernels.attention not found"
+    if op == "attention" and _optional_module("uwrt.kernels.attention") is None:
+        return "module uwrt.kernels.attention not found"
+    if op == "attn_block" and _optional_module("uwrt.kernels.attention") is None:
+        return "modules uwrt.kernels.attn_block / uwrt.kernels.attention not found"
     devs = {t.device.type for t in tensors}
     if len(devs) != 1:
         return f"tensors on several devices {sorted(devs)}"
@@ -149,21 +152,21 @@ def reset_stats() -> None:
 # Ops
 
 def prologue(type_ids, mcc_ids, numeric, type_emb, mcc_emb, w, b, *, impl: str = "auto") -> torch.Tensor:
-    """in_proj(cat(type_emb[type_ids], mcc_emb[mcc_ids], numeric)) (kernels.prologue)."""
+    """in_proj(cat(type_emb[type_ids], mcc_emb[mcc_ids], numeric)) (uwrt.kernels.prologue)."""
     if choose("prologue", impl, type_ids, numeric, w) == "triton":
         return _pro.prologue(type_ids, mcc_ids, numeric, type_emb, mcc_emb, w, b)
     return _pro.prologue_reference(type_ids, mcc_ids, numeric, type_emb, mcc_emb, w, b)
 
 
 def ln_linear(x, w, b, ln_w=None, ln_b=None, eps: float = 1e-5, *, impl: str = "auto") -> torch.Tensor:
-    """[LayerNorm](x) @ w.T + b (kernels.ln_qkv)."""
+    """[LayerNorm](x) @ w.T + b (uwrt.kernels.ln_qkv)."""
     if choose("ln_linear", impl, x, w) == "triton":
         return _lnq.ln_linear(x, w, b, ln_w, ln_b, eps)
     return _lnq.ln_linear_reference(x, w, b, ln_w, ln_b, eps)
 
 
 def mlp(h, x, w1, b1, w2, b2, *, impl: str = "auto") -> torch.Tensor:
-    """x + fc2(gelu(fc1(h))) (kernels.mlp)."""
+    """x + fc2(gelu(fc1(h))) (uwrt.kernels.mlp)."""
     if choose("mlp", impl, h, x, w1) == "triton":
         return _mlp.mlp(h, x, w1, b1, w2, b2)
     return _mlp.mlp_reference(h, x, w1, b1, w2, b2)
@@ -177,7 +180,7 @@ def _host_cu(cu_seqlens: torch.Tensor, cu_host) -> np.ndarray:
 
 
 def attention_torch(qkv: torch.Tensor, cu_host: np.ndarray, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Torch attention over packed qkv [T, 3d] -> [T, d] (kernels.reference.varlen_attention);
+    """Torch attention over packed qkv [T, 3d] -> [T, d] (uwrt.kernels.reference.varlen_attention);
     empty segments are skipped and rows past cu[-1] come out as zeros (as the Triton kernel)."""
     T = qkv.shape[0]
     cu = np.unique(np.asarray(cu_host, dtype=np.int64))       # drops empty segments (repeated offsets)
@@ -194,24 +197,24 @@ def attention_torch(qkv: torch.Tensor, cu_host: np.ndarray, n_heads: int, head_d
 
 def attention(qkv, cu_seqlens, cu_host=None, *, n_heads: int, head_dim: int, max_seqlen: int,
               impl: str = "auto") -> torch.Tensor:
-    """Segment-local softmax attention: qkv [T, 3d] -> [T, d] (kernels.attention)."""
+    """Segment-local softmax attention: qkv [T, 3d] -> [T, d] (uwrt.kernels.attention)."""
     if choose("attention", impl, qkv, cu_seqlens) == "triton":
-        return _optional_module("kernels.attention").attention(
+        return _optional_module("uwrt.kernels.attention").attention(
             qkv, cu_seqlens, n_heads=n_heads, head_dim=head_dim, max_seqlen=max_seqlen)
     return attention_torch(qkv, _host_cu(cu_seqlens, cu_host), n_heads, head_dim)
 
 
 def attn_block(qkv, x, w_out, b_out, ln_w, ln_b, eps: float, cu_seqlens, cu_host=None, *, n_heads: int,
                head_dim: int, max_seqlen: int, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_new = x + attention(qkv) @ w_out.T + b_out, h = LayerNorm(x_new)) (kernels.attn_block)."""
+    """(x_new = x + attention(qkv) @ w_out.T + b_out, h = LayerNorm(x_new)) (uwrt.kernels.attn_block)."""
     if choose("attn_block", impl, qkv, x, cu_seqlens) == "triton":
-        ab = _optional_module("kernels.attn_block")
+        ab = _optional_module("uwrt.kernels.attn_block")
         if ab is not None:
             return ab.attn_block(qkv, x, cu_seqlens, w_out, b_out, ln_w, ln_b, eps=eps,
                                  n_heads=n_heads, head_dim=head_dim, max_seqlen=max_seqlen)
-        # Composite Triton form until kernels.attn_block exists: attention kernel, then the linear
+        # Composite Triton form until uwrt.kernels.attn_block exists: attention kernel, then the linear
         # kernel; residual add and LayerNorm are row-wise torch ops (batch invariant).
-        a = _optional_module("kernels.attention").attention(
+        a = _optional_module("uwrt.kernels.attention").attention(
             qkv, cu_seqlens, n_heads=n_heads, head_dim=head_dim, max_seqlen=max_seqlen)
         x_new = x + _lnq.ln_linear(a, w_out, b_out)
         return x_new, F.layer_norm(x_new, (x.shape[1],), ln_w, ln_b, eps)
@@ -221,7 +224,7 @@ def attn_block(qkv, x, w_out, b_out, ln_w, ln_b, eps: float, cu_seqlens, cu_host
 
 
 def pool_segments(x, ln_w, ln_b, eps: float, cu_seqlens, cu_host=None, *, impl: str = "auto") -> torch.Tensor:
-    """[segment mean, first token] of LayerNorm(x) -> float32 [B, 2d] (kernels.epilogue)."""
+    """[segment mean, first token] of LayerNorm(x) -> float32 [B, 2d] (uwrt.kernels.epilogue)."""
     if choose("pool_segments", impl, x, cu_seqlens) == "triton":
         return epilogue.pool_segments(x, ln_w, ln_b, eps, cu_seqlens)
     return epilogue.pool_segments_reference(x, ln_w, ln_b, eps, _host_cu(cu_seqlens, cu_host))

@@ -2,8 +2,8 @@
 
 x [T, d] (the residual stream after the last layer) and int32 cu_seqlens [B+1] on the device ->
 pooled [B, 2d] float32 = [mean over the segment of LN(x), LN(x) of the segment's first token]
-(the newest event; runtime.encoder.SequenceEncoder's pooling). The pooling head's linear layer
-then runs through kernels.ln_qkv.ln_linear.
+(the newest event; uwrt.runtime.encoders.torch_encoder.SequenceEncoder's pooling). The pooling head's linear layer
+then runs through uwrt.kernels.ln_qkv.ln_linear.
 
 Why a kernel: torch's `index_add_` on CUDA sums with atomics (order varies from run to run) and
 a padded reduction's launch shape depends on the batch, so neither is batch invariant. Here one
@@ -106,5 +106,5 @@ def _variants():
     return out
 
 
-#: (kernel, signature, constexprs, label, options) tuples for kernels.compile_check (sm_80 / sm_90).
+#: (kernel, signature, constexprs, label, options) tuples for uwrt.kernels.compile_check (sm_80 / sm_90).
 COMPILE_VARIANTS = _variants()

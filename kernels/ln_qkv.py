@@ -20,7 +20,7 @@ import triton.language as tl
 
 BLOCK_M = 16     # rows per program (tl.dot needs >= 16)
 BLOCK_N = 64     # output columns per program
-MIN_GEMM_ROWS = 16  # same constant as runtime.encoder.MIN_GEMM_ROWS (CPU GEMM batch invariance)
+MIN_GEMM_ROWS = 16  # same constant as uwrt.runtime.encoders.torch_encoder.MIN_GEMM_ROWS (CPU GEMM batch invariance)
 
 
 @triton.jit
@@ -142,5 +142,5 @@ def _variants():
     return out
 
 
-#: (kernel, signature, constexprs, label, options) tuples for kernels.compile_check (sm_80 / sm_90).
+#: (kernel, signature, constexprs, label, options) tuples for uwrt.kernels.compile_check (sm_80 / sm_90).
 COMPILE_VARIANTS = _variants()

@@ -1,6 +1,6 @@
 """Fused MLP block over packed rows: out = x + fc2(gelu(fc1(h) + b1)) + b2.
 
-h [T, d] is the already LayerNormed input (kernels.attn_block returns it), x [T, d] the residual
+h [T, d] is the already LayerNormed input (uwrt.kernels.attn_block returns it), x [T, d] the residual
 stream. One program owns BLOCK_M=16 rows and all d output columns; it walks d_ff in BLOCK_F
 chunks: a = gelu(h @ W1[chunk].T + b1[chunk]) stays in registers and is multiplied straight into
 the [BLOCK_M, d] fp32 accumulator, so the [T, d_ff] intermediate never reaches memory.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.ln_qkv import linear_rows_reference
+from uwrt.kernels.ln_qkv import linear_rows_reference
 
 BLOCK_M = 16
 BLOCK_F = 32     # d_ff chunk (K of the second dot, N of the first)
@@ -108,5 +108,5 @@ def _variants():
     return out
 
 
-#: (kernel, signature, constexprs, label, options) tuples for kernels.compile_check (sm_80 / sm_90).
+#: (kernel, signature, constexprs, label, options) tuples for uwrt.kernels.compile_check (sm_80 / sm_90).
 COMPILE_VARIANTS = _variants()

@@ -1,7 +1,7 @@
 """Encoder prologue: embedding gathers + concat + input projection, one Triton kernel.
 
 Per token t: in_proj([type_emb[type_ids[t]] | mcc_emb[mcc_ids[t]] | numeric[t]]) -> x [T, d]
-(runtime.encoder.SequenceEncoder's first step). The concatenated row is assembled in registers
+(uwrt.runtime.encoders.torch_encoder.SequenceEncoder's first step). The concatenated row is assembled in registers
 from three masked loads (each fills its own column range, zeros elsewhere, so the sum is exact)
 and multiplied by in_proj's weight in one `tl.dot`: the [T, in] intermediate never reaches
 memory, and the four torch launches (two gathers, cast, concat) disappear from the graph.
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ln_qkv import linear_rows_reference
+from uwrt.kernels.ln_qkv import linear_rows_reference
 
 BLOCK_M = 16
 BLOCK_N = 64
@@ -110,5 +110,5 @@ def _variants():
     return out
 
 
-#: (kernel, signature, constexprs, label, options) tuples for kernels.compile_check (sm_80 / sm_90).
+#: (kernel, signature, constexprs, label, options) tuples for uwrt.kernels.compile_check (sm_80 / sm_90).
 COMPILE_VARIANTS = _variants()

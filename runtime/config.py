@@ -24,10 +24,76 @@ import os
 import re
 import tomllib
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from runtime.batching import BatchingConfig
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Every batching knob with its production default. Thread safety: frozen value."""
+    #: Most requests in one batch.
+    max_batch_size: int = 32
+    #: Most history (encoder) tokens in one batch: the sum of each member's tokens. A single
+    #: request with more tokens than this is dispatched alone.
+    max_batch_tokens: int = 4096
+    #: Longest the oldest queued request waits for company while the worker is free (0 = send
+    #: whatever is queued as soon as the worker frees, Triton's default).
+    max_wait_us: int = 1000
+    #: Queued (not yet dispatched) requests beyond this are refused with RESOURCE_EXHAUSTED.
+    max_queue: int = 256
+    #: A request that would wait longer than this (predicted by the cost model from the work
+    #: already queued and running) is refused with RESOURCE_EXHAUSTED: load is shed before
+    #: latency collapses. A request whose deadline that wait already makes unreachable gets
+    #: DEADLINE_EXCEEDED at once.
+    max_queue_delay_us: int = 50_000
+    #: Token-count bucket edges (strictly increasing). A batch only holds requests of its head's
+    #: bucket, so similar lengths run together: bucket i = tokens in (edge[i-1], edge[i]], and
+    #: one last bucket for tokens above the last edge.
+    length_buckets: tuple[int, ...] = (8, 32, 128)
+    #: Safety margin before a deadline: a batch is sent once waiting longer would leave less than
+    #: this between its predicted end and a member's deadline. Covers cost-model error and the
+    #: event loop's timer lateness (~1 ms with the default epoll selector).
+    deadline_margin_us: int = 1000
+    #: Priority aging: a queued request gains one priority level per this many microseconds
+    #: waited (0 = off: strict priorities, lower levels can starve under sustained load).
+    priority_aging_us: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name == "length_buckets":
+                continue
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{f.name} must be a non-negative integer, got {v!r}")
+        if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_queue < 1:
+            raise ValueError("max_batch_size, max_batch_tokens and max_queue must be >= 1")
+        edges = tuple(self.length_buckets)
+        if any(not isinstance(e, int) or e < 1 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"length_buckets must be strictly increasing positive integers, got {edges!r}")
+        object.__setattr__(self, "length_buckets", edges)
+
+
+def pow2_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below max_batch_size, then max_batch_size: the batch sizes the batcher can
+    form, as CUDA-graph batch buckets and as the tree router's calibration sizes."""
+    out, n = [], 1
+    while n < max_batch_size:
+        out.append(n)
+        n *= 2
+    return tuple(out + [max_batch_size])
+
+
+def token_buckets(max_history: int, b: BatchingConfig) -> tuple[int, ...]:
+    """Powers of two from 16 below the most tokens a batch can hold, then that cap
+    (min(max_batch_tokens, max_batch_size * max_history), at least max_history: a request
+    longer than max_batch_tokens is dispatched alone)."""
+    cap = max(max_history, min(b.max_batch_tokens, b.max_batch_size * max_history))
+    out, n = [], 16
+    while n < cap:
+        out.append(n)
+        n *= 2
+    return tuple(out + [cap])
 
 
 @dataclass(frozen=True)
@@ -97,7 +163,7 @@ class RuntimeConfig:
     score_batch_size: int = 64
     #: Seconds SIGTERM/SIGINT waits for queued and in-flight requests before exiting.
     grace_s: float = 10.0
-    #: Dynamic batching (see runtime/batching.py).
+    #: Dynamic batching (see runtime/serving/batching.py).
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
@@ -126,7 +192,7 @@ class RuntimeConfig:
     @classmethod
     def load(cls, config_file: str | None = None, *, env: typing.Mapping[str, str] | None = None,
              profile_resolver: Callable[[str], tuple[str, Mapping[str, Any]]] | None = None,
-             **overrides: Any) -> "RuntimeConfig":
+             **overrides: Any) -> RuntimeConfig:
         """Defaults < [profile] < TOML file < UWRT_* environment < overrides (None values are ignored).
 
         Overrides use flat names: top-level fields by name, nested ones by their own name
@@ -219,7 +285,7 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls) -> dict[str, Any]:
     # Cached: get_type_hints compiles the string annotations, and CPython 3.11.7's AST
     # constructor is not thread safe (gh-106905: a spurious "AST constructor recursion depth

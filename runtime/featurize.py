@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.errors import InvalidRequest
-from runtime.pb import pb
-from runtime.schema import EncoderConfig, EVENT_TYPE_IDS, FeatureSchema
+from uwrt.runtime.bundle.schema import EVENT_TYPE_IDS, EncoderConfig, FeatureSchema
+from uwrt.runtime.errors import InvalidRequest
+from uwrt.runtime.pb import pb
 
 SECONDS_PER_DAY = 86400.0
 MAX_REQUEST_ID_BYTES = 128
@@ -59,7 +59,7 @@ class PackedEvents:
 
     type_ids:   int64 [T]     event type enum number (0 = 'no history' token)
     mcc_ids:    int64 [T]     hashed MCC bucket (0 = unknown)
-    numeric:    float32 [T, n_numeric]  see runtime.schema.EVENT_NUMERIC_FEATURES
+    numeric:    float32 [T, n_numeric]  see uwrt.runtime.bundle.schema.EVENT_NUMERIC_FEATURES
     cu_seqlens: int32 [B+1]   segment b is tokens cu_seqlens[b]:cu_seqlens[b+1]; every segment >= 1
     max_len:    host int, longest segment (kept on the host: reading it from a device tensor
                 would force a sync)
@@ -82,7 +82,7 @@ class PackedEvents:
     def lengths(self) -> np.ndarray:
         return np.diff(self.cu_seqlens)
 
-    def select(self, rows: list[int] | np.ndarray) -> "PackedEvents":
+    def select(self, rows: list[int] | np.ndarray) -> PackedEvents:
         """A new PackedEvents holding only the given requests, in the given order."""
         starts, lens = self.cu_seqlens[:-1], self.lengths
         idx = np.concatenate([np.arange(starts[r], starts[r] + lens[r]) for r in rows]) if len(rows) else np.zeros(0, np.int64)
@@ -92,7 +92,7 @@ class PackedEvents:
                             int(lens[rows].max()) if len(rows) else 0)
 
     @staticmethod
-    def concat(parts: list["PackedEvents"]) -> "PackedEvents":
+    def concat(parts: list[PackedEvents]) -> PackedEvents:
         lens = np.concatenate([p.lengths for p in parts])
         cu = np.zeros(len(lens) + 1, dtype=np.int32)
         cu[1:] = np.cumsum(lens)

@@ -6,12 +6,13 @@ Thread safety: stateless functions.
 from __future__ import annotations
 
 import json
-from typing import IO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import IO
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from runtime.pb import pb
+from uwrt.runtime.pb import pb
 
 
 def to_json_line(msg: Message) -> str:

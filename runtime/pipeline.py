@@ -16,15 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.bundle import Bundle, load_bundle
-from runtime.config import RuntimeConfig
-from runtime.encoder import EncoderBackend, TorchEncoderBackend
-from runtime.encoder_script import TorchScriptEncoderBackend
-from runtime.errors import InvalidRequest
-from runtime.featurize import FeatureBatch, Limits, featurize
-from runtime.pb import pb
-from runtime.policy import ADVERSE, counteroffer_amount, outcome_for, score_for, top_reasons
-from runtime.trees import FallbackExplainer, TreeExplainer, TreeStage, load_booster
+from uwrt.runtime.bundle.bundle import Bundle, load_bundle
+from uwrt.runtime.config import RuntimeConfig
+from uwrt.runtime.encoders.base import EncoderBackend
+from uwrt.runtime.encoders.build import ENCODER_BACKENDS, build_encoder
+from uwrt.runtime.errors import InvalidRequest
+from uwrt.runtime.featurize import FeatureBatch, Limits, featurize
+from uwrt.runtime.pb import pb
+from uwrt.runtime.policy import ADVERSE, counteroffer_amount, outcome_for, score_for, top_reasons
+from uwrt.runtime.trees.base import TreeExplainer, TreeStage, load_booster
+from uwrt.runtime.trees.build import build_trees
 
 log = logging.getLogger("uwrt.pipeline")
 
@@ -36,118 +37,6 @@ class StageTimes:
     encode_us: int = 0
     trees_us: int = 0
     policy_us: int = 0
-
-
-def _torch_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderBackend:
-    return TorchEncoderBackend(bundle.encoder_config, bundle.encoder_state(), device=device)
-
-
-def _torchscript_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderBackend:
-    if device != "cpu":
-        raise ValueError("the torchscript encoder backend runs on the CPU only (encoder_device='cpu')")
-    return TorchScriptEncoderBackend(bundle.encoder_config, bundle.encoder_state())
-
-
-def _onnx_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderBackend:
-    from runtime.encoder_onnx import OnnxEncoderBackend
-    return OnnxEncoderBackend.from_bundle(bundle, device=device, cache_dir=cfg.onnx_cache_dir,
-                                          intra_op_threads=cfg.onnx_intra_op_threads,
-                                          inter_op_threads=cfg.onnx_inter_op_threads,
-                                          optimization=cfg.onnx_optimization, attention=cfg.onnx_attention)
-
-
-def _triton_backend(bundle: Bundle, cfg: RuntimeConfig, device: str) -> EncoderBackend:
-    # Imported lazily: the Triton GPU path (runtime/encoder_triton.py) needs CUDA and is not
-    # loaded on CPU hosts.
-    from runtime.encoder_triton import TritonEncoderBackend
-    b = cfg.batching
-    return TritonEncoderBackend(bundle.encoder_config, bundle.encoder_state(), device=device,
-                                batch_buckets=pow2_buckets(b.max_batch_size),
-                                token_buckets=_token_buckets(bundle.encoder_config.max_history, b))
-
-
-def pow2_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """Powers of two below max_batch_size, then max_batch_size: the batch sizes the batcher can
-    form, as CUDA-graph batch buckets and as the tree router's calibration sizes."""
-    out, n = [], 1
-    while n < max_batch_size:
-        out.append(n)
-        n *= 2
-    return tuple(out + [max_batch_size])
-
-
-def _token_buckets(max_history: int, b) -> tuple[int, ...]:
-    """Powers of two from 16 below the most tokens a batch can hold, then that cap
-    (min(max_batch_tokens, max_batch_size * max_history), at least max_history: a request
-    longer than max_batch_tokens is dispatched alone)."""
-    cap = max(max_history, min(b.max_batch_tokens, b.max_batch_size * max_history))
-    out, n = [], 16
-    while n < cap:
-        out.append(n)
-        n *= 2
-    return tuple(out + [cap])
-
-
-#: Encoder backends by name (RuntimeConfig.encoder_backend): factory(bundle, config, device).
-#: torch and torchscript compute the same numbers (tested bit for bit); onnx agrees within 1e-5
-#: (runtime/encoder_onnx.py); triton is the GPU path, imported only when asked for.
-ENCODER_BACKENDS = {"onnx": _onnx_backend, "torchscript": _torchscript_backend, "torch": _torch_backend,
-                    "triton": _triton_backend}
-
-
-def build_encoder(bundle: Bundle, cfg: RuntimeConfig) -> EncoderBackend:
-    """The configured encoder: `encoder_backend` on `encoder_device`; off the CPU, wrapped in a
-    FallbackEncoder over `fallback_encoder_backend` (on the CPU) when one is configured."""
-    name, device = cfg.encoder_backend, cfg.encoder_device
-    if name not in ENCODER_BACKENDS:
-        raise ValueError(f"unknown encoder backend {name!r}; choose one of {sorted(ENCODER_BACKENDS)}")
-    primary = ENCODER_BACKENDS[name](bundle, cfg, device)
-    if device == "cpu" or not cfg.fallback_encoder_backend:
-        return primary
-    from runtime.fallback import FallbackEncoder
-    fallback = ENCODER_BACKENDS[cfg.fallback_encoder_backend](bundle, cfg, "cpu")
-    log.info("encoder %s on %s with %s on cpu as fallback", primary.name, device, fallback.name)
-    return FallbackEncoder(primary, fallback, reprobe_s=cfg.fallback_reprobe_s)
-
-
-#: tree_path -> the paths built, in preference order (runtime/tree_router.py routes between them).
-TREE_PATHS = {"auto": ("native", "xgboost"), "routed": ("native", "tl2cgen", "xgboost", "onnx"),
-              "native": ("native",), "tl2cgen": ("tl2cgen",), "xgboost": ("xgboost",), "onnx": ("onnx",)}
-
-
-def build_trees(bundle: Bundle, cfg: RuntimeConfig, *, tree_threads: int | None = None):
-    """(tree stage, explainer, report) as configured by tree_path / tree_cache_dir / reasons_path.
-
-    Several paths -> a RoutedTreeStage (uncalibrated: preference order until `calibrate`, which
-    the server runs at warm-up); a path that cannot be built is skipped with a warning (in the
-    report). One forced path that cannot be built raises. Reasons: the compiled exact TreeSHAP
-    when reasons_path is "native" (built with the native tree path, or on its own), wrapped so a
-    failure falls back to xgboost pred_contribs; if it cannot be built at all, xgboost, logged."""
-    from runtime.native_cache import default_cache_dirs
-    from runtime.tree_router import build_tree_stage
-    threads = cfg.tree_threads if tree_threads is None else tree_threads
-    cache_dirs = [cfg.tree_cache_dir] if cfg.tree_cache_dir else default_cache_dirs(bundle.path)
-    # the factory sets nthread on the booster it gets: the stage and the explainer each own one
-    stage, report = build_tree_stage(load_booster(bundle.tree_model_bytes(), nthread=threads), bundle,
-                                     paths=TREE_PATHS[cfg.tree_path], cache_dirs=cache_dirs, tree_threads=threads,
-                                     calibrate=False)
-    booster = load_booster(bundle.tree_model_bytes(), nthread=threads)
-    xgb_explainer = TreeExplainer(booster)
-    explainer, report["reasons"] = xgb_explainer, "xgboost"
-    if cfg.reasons_path == "native":
-        native = report.pop("native_explainer", None)
-        if native is None:
-            try:
-                from runtime.tree_native import build_native
-                _, native = build_native(booster, cache_dirs)
-            except Exception as e:  # noqa: BLE001 - reasons must still work: slower, and said so
-                log.warning("compiled TreeSHAP unavailable (%s: %s); reasons via xgboost pred_contribs (ms a row)",
-                            type(e).__name__, e)
-                report["reasons_error"] = f"{type(e).__name__}: {e}"
-        if native is not None:
-            explainer, report["reasons"] = FallbackExplainer(native, xgb_explainer), "native"
-    report.pop("native_explainer", None)
-    return stage, explainer, report
 
 
 def _us(t0: int) -> int:
@@ -192,12 +81,12 @@ class Pipeline:
             raise ValueError(f"tree stage expects {self.trees.num_features} features, schema has {len(self.schema.features)}")
 
     @classmethod
-    def from_dir(cls, path, **kw) -> "Pipeline":
+    def from_dir(cls, path, **kw) -> Pipeline:
         return cls(load_bundle(path), **kw)
 
     @property
     def degraded(self) -> bool:
-        """True while the encoder serves on its fallback (runtime/fallback.py)."""
+        """True while the encoder serves on its fallback (runtime/encoders/fallback.py)."""
         return bool(getattr(self.encoder, "degraded", False))
 
     def encoder_stats(self) -> dict[str, object]:

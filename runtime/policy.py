@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
-from runtime.pb import pb
-from runtime.schema import Policy
+from uwrt.runtime.bundle.schema import Policy
+from uwrt.runtime.pb import pb
 
 
 def outcome_for(pd: float, policy: Policy) -> int:

@@ -22,10 +22,11 @@ from the main thread at start-up).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from runtime.config import RuntimeConfig
+from uwrt.runtime.config import RuntimeConfig
 
 log = logging.getLogger("uwrt.profiles")
 
@@ -63,7 +64,7 @@ CPU = Profile(
 
 #: The GPU profile: the Triton encoder with CUDA graphs (one per batch x token bucket, captured
 #: during warm-up before SERVING), the tree stage on CPU, the ONNX CPU encoder standing by as the
-#: run-time fallback (runtime/fallback.py). Larger batches (up to 128 requests / 16384 tokens)
+#: run-time fallback (runtime/encoders/fallback.py). Larger batches (up to 128 requests / 16384 tokens)
 #: amortise kernel launches; finer length buckets (8/16/32/64/128) keep graphs tight; a 500 us
 #: window since a GPU batch is cheap to launch; two tree threads (a GPU host has cores to spare).
 GPU = Profile(

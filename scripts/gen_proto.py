@@ -5,7 +5,7 @@
     python scripts/gen_proto.py --check  # exit 1 if the committed stubs are stale
 
 protoc writes absolute imports (`from uwrt.v1 import underwriting_pb2`); they are rewritten
-to point at `runtime.pb` so the stubs live inside the runtime package.
+to point at `uwrt.runtime.pb` so the stubs live inside the runtime package.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def generate() -> dict[str, str]:
             pkg = ".".join(pathlib.Path(src).parent.parts)
             for path in sorted(gen_dir.iterdir()):
                 text = path.read_text()
-                text = text.replace(f"from {pkg} import ", "from runtime.pb import ")
+                text = text.replace(f"from {pkg} import ", "from uwrt.runtime.pb import ")
                 out[path.name] = HEADER.format(src=src) + text
     return out
 

@@ -1,5 +1,4 @@
 import os
-import sys
 
 # Triton kernels run in the interpreter (numpy, on CPU tensors) when no GPU is present. It must be
 # set before any @triton.jit function is defined, i.e. before kernels/ modules are imported.
@@ -16,9 +15,6 @@ if "TRITON_INTERPRET" not in os.environ:
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
 
 @pytest.fixture
 def rng():
@@ -32,7 +28,7 @@ def rng():
 @pytest.fixture(scope="session")
 def small_bundle(tmp_path_factory):
     """A demo bundle built from scratch with the 'small' preset (seconds), shared by the session."""
-    from uwrt_demo.train import DemoConfig, build_demo
+    from uwrt.demo.train import DemoConfig, build_demo
     out = tmp_path_factory.mktemp("bundles") / "small"
     build_demo(out, DemoConfig.preset("small"))
     return out
@@ -40,12 +36,12 @@ def small_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pipe(small_bundle):
-    from runtime.pipeline import Pipeline
+    from uwrt.runtime.pipeline import Pipeline
     return Pipeline.from_dir(small_bundle)
 
 
 @pytest.fixture(scope="session")
 def traffic():
     """300 generator requests (seed 11)."""
-    from uwrt_demo.synth import generate
+    from uwrt.demo.synth import generate
     return generate(300, 11, id_prefix="t-").requests

@@ -1,10 +1,14 @@
-"""Hand-built requests for tests (independent of the synthetic generator)."""
+"""Hand-built requests for tests (independent of the synthetic generator), and the repository root."""
 from __future__ import annotations
+
+import pathlib
 
 import numpy as np
 
-from runtime.pb import pb
+from uwrt.runtime.pb import pb
 
+#: The repository root (tests run from a checkout).
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 AS_OF = 1_750_000_000
 
 

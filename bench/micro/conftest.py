@@ -6,9 +6,9 @@ Perf work (timed; the demo bundle when it exists, else a small one built on the 
         [--benchmark-json bench/results/micro.json]
 
 CI runs the same tests untimed (`--benchmark-disable`: each body runs once, its assertions
-checked) through tests/test_micro_smoke.py. Environment:
+checked) through tests/bench/test_micro_smoke.py. Environment:
   UWRT_MICRO_BUNDLE        bundle directory (default bundles/demo if present, else a small build)
-  UWRT_MICRO_TREE_PATHS    tree paths to time (default: every path runtime.tree_router knows)
+  UWRT_MICRO_TREE_PATHS    tree paths to time (default: every path uwrt.runtime.trees.router knows)
 
 Each benchmark also checks its result against the reference path (encoder backends against eager
 torch, tree paths against xgboost, the batching plan against its invariants), so a fast path
@@ -33,14 +33,14 @@ if "TRITON_INTERPRET" not in os.environ:      # as tests/conftest.py: no GPU -> 
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory):
-    from runtime.bundle import load_bundle
+    from uwrt.runtime.bundle.bundle import load_bundle
     path = os.environ.get("UWRT_MICRO_BUNDLE")
     if not path:
         demo = ROOT / "bundles" / "demo"
         if (demo / "manifest.json").exists():
             path = str(demo)
         else:
-            from uwrt_demo.train import DemoConfig, build_demo
+            from uwrt.demo.train import DemoConfig, build_demo
             path = str(tmp_path_factory.mktemp("micro") / "small")
             build_demo(path, DemoConfig.preset("small"))
     return load_bundle(path)
@@ -49,21 +49,21 @@ def bundle(tmp_path_factory):
 @pytest.fixture(scope="session")
 def requests_pool():
     """Generator traffic (seed 5): 256 applicants."""
-    from uwrt_demo.synth import generate
+    from uwrt.demo.synth import generate
     return generate(256, 5, id_prefix="m-").requests
 
 
 @pytest.fixture(scope="session")
 def booster(bundle):
-    from runtime.trees import load_booster
+    from uwrt.runtime.trees.base import load_booster
     return load_booster(bundle.tree_model_bytes(), nthread=1)
 
 
 @pytest.fixture(scope="session")
 def rows_by_batch(bundle, requests_pool):
     """Exact tree-stage rows [B, F] for B in (1, 8, 32, 128), from the real featurizer and encoder."""
-    from runtime.encoder import TorchEncoderBackend
-    from runtime.featurize import featurize
+    from uwrt.runtime.encoders.torch_encoder import TorchEncoderBackend
+    from uwrt.runtime.featurize import featurize
     enc = TorchEncoderBackend(bundle.encoder_config, bundle.encoder_state())
     fb, errs = featurize(requests_pool[:128], bundle.schema, bundle.encoder_config)
     assert not errs

@@ -1,7 +1,7 @@
-"""The batching policy (runtime/batching.py `plan`) per queue length, checked against its invariants."""
+"""The batching policy (runtime/serving/batching.py `plan`) per queue length, checked against its invariants."""
 import pytest
 
-from runtime.batching import BatchingConfig, CostModel, Pending, plan
+from uwrt.runtime.serving.batching import BatchingConfig, CostModel, Pending, plan
 
 
 def make_queue(rng, n, now_us):

@@ -3,7 +3,7 @@ batch size, each checked against eager torch on the same packed batch."""
 import numpy as np
 import pytest
 
-from runtime.featurize import featurize
+from uwrt.runtime.featurize import featurize
 
 BACKENDS = ["torch", "torchscript", "onnx", "triton"]
 
@@ -11,20 +11,20 @@ BACKENDS = ["torch", "torchscript", "onnx", "triton"]
 def make_backend(name, bundle):
     cfg, state = bundle.encoder_config, bundle.encoder_state()
     if name == "torch":
-        from runtime.encoder import TorchEncoderBackend
+        from uwrt.runtime.encoders.torch_encoder import TorchEncoderBackend
         return TorchEncoderBackend(cfg, state)
     if name == "torchscript":
-        from runtime.encoder_script import TorchScriptEncoderBackend
+        from uwrt.runtime.encoders.torchscript_encoder import TorchScriptEncoderBackend
         return TorchScriptEncoderBackend(cfg, state)
     if name == "onnx":
         pytest.importorskip("onnxruntime")
-        mod = pytest.importorskip("runtime.encoder_onnx")
+        mod = pytest.importorskip("uwrt.runtime.encoders.onnx_encoder")
         return mod.OnnxEncoderBackend(cfg, state, bundle_digest=bundle.bundle_digest)
     if name == "triton":
         import torch
         if not torch.cuda.is_available():
             pytest.skip("the Triton encoder needs a CUDA device")
-        mod = pytest.importorskip("runtime.encoder_triton")
+        mod = pytest.importorskip("uwrt.runtime.encoders.triton_encoder")
         return mod.TritonEncoderBackend(cfg, state)
     raise ValueError(name)
 

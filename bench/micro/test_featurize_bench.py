@@ -1,7 +1,7 @@
 """Featurization (validation + packing) per batch size."""
 import pytest
 
-from runtime.featurize import featurize
+from uwrt.runtime.featurize import featurize
 
 
 @pytest.mark.parametrize("batch", [1, 8, 32, 128])

@@ -1,11 +1,11 @@
-"""The tree stage per path (xgboost reference; the compiled paths of runtime.tree_router when they
+"""The tree stage per path (xgboost reference; the compiled paths of uwrt.runtime.trees.router when they
 build here) per batch size, each checked against xgboost's margins."""
 import os
 
 import numpy as np
 import pytest
 
-from runtime.trees import XGBoostTreeStage
+from uwrt.runtime.trees.base import XGBoostTreeStage
 
 
 def _paths():
@@ -13,7 +13,7 @@ def _paths():
     if env:
         return [p.strip() for p in env.split(",") if p.strip()]
     try:
-        from runtime.tree_router import KNOWN_PATHS
+        from uwrt.runtime.trees.router import KNOWN_PATHS
         return list(KNOWN_PATHS)
     except ImportError:
         return ["xgboost"]
@@ -27,7 +27,7 @@ def stage_for(path, booster, bundle, tmp_path_factory):
         if path == "xgboost":
             _stages[path] = XGBoostTreeStage(booster)
         else:
-            router = pytest.importorskip("runtime.tree_router")
+            router = pytest.importorskip("uwrt.runtime.trees.router")
             try:
                 st, _ = router.build_tree_stage(booster, bundle, paths=(path,), calibrate=False,
                                                 cache_dirs=[tmp_path_factory.mktemp(f"trees-{path}")])

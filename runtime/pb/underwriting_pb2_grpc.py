@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from runtime.pb import underwriting_pb2 as uwrt_dot_v1_dot_underwriting__pb2
+from uwrt.runtime.pb import underwriting_pb2 as uwrt_dot_v1_dot_underwriting__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

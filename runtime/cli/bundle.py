@@ -1,0 +1,159 @@
+"""`uwrt bundle create` / `uwrt bundle inspect`.
+
+`register(subparsers)` adds the `bundle` command to the top-level CLI's argparse subparsers.
+Each subcommand sets `args.func`, a handler `(args) -> int` exit code: 0 on success, 2 on a
+BundleError (printed as `error: <message>` on stderr).
+
+To get the parts of an existing bundle (e.g. to rebuild it with another policy), use
+`uwrt.runtime.bundle.bundle.export_parts(load_bundle(DIR), OUT)`: it writes trees.ubj,
+encoder.safetensors, encoder_config.json, feature_schema.json, policy.json (and the model
+cards) in exactly the form `bundle create` reads.
+
+Thread safety: handlers print to stdout/stderr and touch only the named paths; run one per
+process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from uwrt.runtime import __version__
+from uwrt.runtime.bundle.bundle import Bundle, create_from_parts, load_bundle
+from uwrt.runtime.errors import BundleError
+
+__all__ = ["register", "cmd_create", "cmd_inspect"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `bundle {create,inspect}` to `subparsers`; returns the `bundle` parser."""
+    p = subparsers.add_parser("bundle", help="build and inspect model bundles",
+                              description="Build and inspect model bundles.")
+    sub = p.add_subparsers(dest="bundle_command", metavar="{create,inspect}", required=True)
+
+    c = sub.add_parser("create", help="build a bundle from externally trained parts",
+                       description="Validate the parts as load_bundle would, then write the "
+                                   "bundle atomically.")
+    c.add_argument("--out", required=True, help="bundle directory to create")
+    c.add_argument("--trees", required=True, help="XGBoost model (.ubj or .json), binary:logistic")
+    c.add_argument("--encoder-weights", required=True, help="encoder weights (.safetensors)")
+    c.add_argument("--encoder-config", required=True, help="EncoderConfig as JSON")
+    c.add_argument("--feature-schema", required=True, help="FeatureSchema as JSON")
+    c.add_argument("--policy", required=True, help="Policy as JSON")
+    c.add_argument("--bundle-id", default=None, help="default: uwrt-<hash of the parts>")
+    c.add_argument("--tree-version", default=None, help="default: <trees stem>-<sha256[:8]>")
+    c.add_argument("--model-card", default=None, help="model card (JSON)")
+    c.add_argument("--model-card-md", default=None, help="model card (Markdown)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    c.set_defaults(func=cmd_create)
+
+    i = sub.add_parser("inspect", help="verify a bundle and describe what is inside")
+    i.add_argument("dir", help="bundle directory")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def _fail(e: BundleError) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    """Handler of `uwrt bundle create`."""
+    try:
+        b = create_from_parts(
+            args.out, trees=args.trees, encoder_weights=args.encoder_weights,
+            encoder_config=args.encoder_config, feature_schema=args.feature_schema,
+            policy=args.policy, bundle_id=args.bundle_id, tree_version=args.tree_version,
+            model_card=args.model_card, model_card_md=args.model_card_md,
+            created_by=f"uwrt {__version__} bundle create", overwrite=args.overwrite)
+    except BundleError as e:
+        return _fail(e)
+    print(f"bundle_id      {b.bundle_id}")
+    print(f"bundle_digest  {b.bundle_digest}")
+    print(f"path           {b.path}")
+    from uwrt.runtime.pipeline import prepare_bundle_caches
+    print(prepare_bundle_caches(b.path), flush=True)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Handler of `uwrt bundle inspect`: verifies, then prints text or (--json) one object."""
+    try:
+        b = load_bundle(args.dir)
+    except BundleError as e:
+        if args.json:
+            print(json.dumps({"path": str(args.dir), "verified": False, "error": str(e)}))
+        return _fail(e)
+    print(json.dumps(describe(b), indent=2, sort_keys=True) if args.json else format_text(b))
+    return 0
+
+
+def describe(b: Bundle) -> dict[str, Any]:
+    """The JSON form of `inspect`."""
+    m = b.manifest
+    ident = b.identity()
+    return {
+        "path": str(b.path), "verified": True,
+        "identity": {k: m[k] for k in ("bundle_id", "bundle_digest", "created_at", "created_by",
+                                       "format", "format_version")},
+        "model_identity": {f.name: getattr(ident, f.name) for f in ident.DESCRIPTOR.fields},
+        "components": m["components"], "feature_schema": m["feature_schema"],
+        "encoder_config": m["encoder_config"], "policy": m["policy"], "files": m["files"],
+    }
+
+
+def _schema_rows(b: Bundle) -> list[tuple[str, str, str, str, str]]:
+    """(index, name, source, impute, reason); runs of embedding columns become one row."""
+    rows, feats, i = [], b.schema.features, 0
+    while i < len(feats):
+        f, j = feats[i], i + 1
+        if f.source == "embedding":
+            while (j < len(feats) and feats[j].source == "embedding"
+                   and (feats[j].impute_value, feats[j].reason_code) == (f.impute_value, f.reason_code)):
+                j += 1
+        idx = str(i) if j == i + 1 else f"{i}-{j - 1}"
+        name = f.name if j == i + 1 else f"{f.name}..{feats[j - 1].name}"
+        rows.append((idx, name, f.source, f"{f.impute_value:g}", f.reason_code or "-"))
+        i = j
+    return rows
+
+
+def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def format_text(b: Bundle) -> str:
+    """The human form of `inspect`."""
+    m, comps = b.manifest, b.manifest["components"]
+    enc, trees = comps["encoder"], comps["trees"]
+    out = [f"bundle {b.path}",
+           f"  id          {b.bundle_id}",
+           f"  digest      {b.bundle_digest}",
+           f"  created     {m['created_at']} by {m['created_by']}",
+           f"  format      {m['format']} v{m['format_version']}",
+           "components",
+           f"  encoder     {enc['file']}  version {enc['version']}",
+           f"  trees       {trees['file']}  version {trees['version']}  "
+           f"num_features {trees['num_features']}  objective {trees['objective']}",
+           f"feature schema {b.schema.version} ({len(b.schema.features)} columns)"]
+    out += _table([("#", "name", "source", "impute", "reason")] + _schema_rows(b))
+    p = b.policy
+    out += [f"policy {p.version}",
+            f"  APPROVE pd <= {p.approve_max_pd:g}; COUNTEROFFER pd <= {p.counteroffer_max_pd:g} "
+            f"(x{p.counteroffer_amount_ratio:g} amount); REVIEW pd <= {p.review_max_pd:g}; else DECLINE",
+            f"  score = {p.score_offset:g} + {p.score_pdo:g}/ln2 * ln((1-pd)/pd); "
+            f"max_reasons {p.max_reasons}"]
+    out += [f"  reason {code}: {text}" for code, text in sorted(p.reason_texts.items())]
+    cfg = m["encoder_config"]
+    out += [f"encoder config {cfg['version']}",
+            "  " + " ".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "version"),
+            "files"]
+    out += _table([(name, f"{e['bytes']:,} B", f"sha256 {e['sha256'][:12]}")
+                   for name, e in sorted(m["files"].items())])
+    out.append(f"verification OK: {len(m['files'])} files match manifest.json, "
+               "bundle_digest matches, components fit the schema and config")
+    return "\n".join(out)
