@@ -1,7 +1,8 @@
 """Our own compiled tree layout and exact TreeSHAP, generated as C from xgboost's JSON model.
 
-`build_native(booster, cache_dirs)` parses `booster.save_raw("json")`, generates one C file
-holding the model as constant arrays plus a fixed runtime, compiles it into a shared library
+`build_native(booster, cache_dirs)` parses `booster.save_raw("json")`, generates a C header
+(`uwrt_model.h`) holding the model as constant arrays, compiles it with the fixed runtime in
+`native_runtime.c` (next to this module) into a shared library
 that needs only libc/libm (cached on disk by source, compiler and flags), checks it against
 xgboost on a golden set and returns `(NativeTreeStage, NativeExplainer)`.
 
@@ -36,6 +37,7 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -84,8 +86,8 @@ class Tree:
         def rec(n: int) -> float:
             if self.left[n] < 0:
                 return float(self.threshold[n])
-            l, r = int(self.left[n]), int(self.right[n])
-            return (rec(l) * float(self.cover[l]) + rec(r) * float(self.cover[r])) / float(self.cover[n])
+            lo, hi = int(self.left[n]), int(self.right[n])
+            return (rec(lo) * float(self.cover[lo]) + rec(hi) * float(self.cover[hi])) / float(self.cover[n])
         return rec(0)
 
 
@@ -182,7 +184,7 @@ def _leaf_paths(tree: Tree) -> list[tuple[float, list[tuple[int, float]], list[t
                 else:
                     feats.append(f)
                     z.append(frac)
-            out.append((float(tree.threshold[n]), list(zip(feats, z)),
+            out.append((float(tree.threshold[n]), list(zip(feats, z, strict=True)),
                         [(node, right, feats.index(int(tree.feature[node]))) for node, right, _ in conds]))
             continue
         stack.append((int(tree.right[n]), conds + [(n, 1, 0)]))
@@ -213,247 +215,12 @@ def _pad(tree: Tree, depth: int) -> tuple[list[tuple[float, int]], list[float]]:
     return nodes, leaves
 
 
-_RUNTIME_C = r"""
-static inline int go_right(float v, float thr, int32_t fi) {
-  /* xgboost: left iff v < thr; NaN takes the default direction; +-inf compare as values */
-  return (!(v < thr)) & !((v != v) & (fi & 1));
-}
-
-static float base_margin(void) {
-#if LINK_LOGIT
-  /* xgboost: -log(1/p - 1) in float with the C library's logf at run time. volatile stops gcc
-     from folding it with MPFR (correctly rounded), which differs from glibc's logf by 1 ulp for
-     ~1% of base scores and would break bit-identical margins. */
-  volatile float p = BASE_SCORE;
-  return -logf(1.0f / p - 1.0f);
-#else
-  return BASE_SCORE;
-#endif
-}
-
-static float sparse_leaf(int t, const float* x) {
-  int n = T_ROOT[t];
-  while (S_LEFT[n] >= 0) {
-    int32_t fi = S_FI[n];
-    n = go_right(x[fi >> 1], S_THR[n], fi) ? S_RIGHT[n] : S_LEFT[n];
-  }
-  return S_THR[n];
-}
-
-int num_features(void) { return NF; }
-int num_trees(void) { return NT; }
-
-int predict_margin(const float* rows, int n_rows, int n_features, double* out) {
-  if (n_features != NF || n_rows < 0) return -1;
-  const float base = base_margin();
-  for (int r0 = 0; r0 < n_rows; r0 += BLOCK) {
-    const int nb = n_rows - r0 < BLOCK ? n_rows - r0 : BLOCK;
-    const float* xb = rows + (size_t)r0 * NF;
-    float acc[BLOCK];
-#if WALK_LEVELS
-    int32_t pos[BLOCK];
-#endif
-    for (int r = 0; r < nb; ++r) acc[r] = base;
-    for (int t = 0; t < NT; ++t) {
-      const int d = T_DEPTH[t];
-      if (d < 0) {
-        for (int r = 0; r < nb; ++r) acc[r] += sparse_leaf(t, xb + (size_t)r * NF);
-        continue;
-      }
-      const PNode* nodes = P_NODES + T_PNODE[t];
-      const float* leaves = P_LEAF + T_PLEAF[t];
-      const int first_leaf = (1 << d) - 1;
-#if WALK_LEVELS
-      for (int r = 0; r < nb; ++r) pos[r] = 0;
-      for (int k = 0; k < d; ++k) {
-        for (int r = 0; r < nb; ++r) {
-          const PNode nd = nodes[pos[r]];
-          pos[r] = 2 * pos[r] + 1 + go_right(xb[(size_t)r * NF + (nd.fi >> 1)], nd.thr, nd.fi);
-        }
-      }
-      for (int r = 0; r < nb; ++r) acc[r] += leaves[pos[r] - first_leaf];
-#else
-      for (int r = 0; r < nb; ++r) {
-        const float* x = xb + (size_t)r * NF;
-        int p = 0;
-        for (int k = 0; k < d; ++k) {
-          const PNode nd = nodes[p];
-          p = 2 * p + 1 + go_right(x[nd.fi >> 1], nd.thr, nd.fi);
-        }
-        acc[r] += leaves[p - first_leaf];
-      }
-#endif
-    }
-    for (int r = 0; r < nb; ++r) out[r0 + r] = (double)acc[r];
-  }
-  return 0;
-}
-
-/* ---- exact TreeSHAP (Lundberg et al. 2018, Algorithm 2) ----
-   A path holds elements 0..u (element 0 is the root dummy). w[i] is the permutation weight of
-   the subsets with i "one" features, times their fractions. */
-typedef struct { int d; double z, o, w; } PathElem;
-
-/* INV[i] = 1/i: the recurrences below multiply instead of dividing (divisions dominated). */
-static const double INV[MAXD + 4] = INV_TABLE;
-
-static void extend(PathElem* p, int u, double z, double o, int d) {
-  p[u].d = d; p[u].z = z; p[u].o = o; p[u].w = u == 0 ? 1.0 : 0.0;
-  const double inv = INV[u + 1];
-  for (int i = u - 1; i >= 0; --i) {
-    p[i + 1].w += o * p[i].w * (double)(i + 1) * inv;
-    p[i].w = z * p[i].w * (double)(u - i) * inv;
-  }
-}
-
-/* Undo the extension of element k (path 0..u), then drop it: the path becomes 0..u-1. */
-static void unwind(PathElem* p, int u, int k) {
-  const double z = p[k].z, o = p[k].o, inv = INV[u + 1];
-  double next = p[u].w;
-  if (o != 0.0) {
-    const double inv_o = 1.0 / o;
-    for (int j = u - 1; j >= 0; --j) {
-      const double t = p[j].w;
-      p[j].w = next * (double)(u + 1) * INV[j + 1] * inv_o;
-      next = t - p[j].w * z * (double)(u - j) * inv;
-    }
-  } else {
-    const double inv_z = 1.0 / z;
-    for (int j = u - 1; j >= 0; --j) p[j].w = p[j].w * (double)(u + 1) * inv_z * INV[u - j];
-  }
-  for (int j = k; j < u; ++j) { p[j].d = p[j + 1].d; p[j].z = p[j + 1].z; p[j].o = p[j + 1].o; }
-}
-
-/* A leaf with value v adds, for each path element i >= 1, (sum of the weights left after
-   unwinding i) * (o_i - z_i) * v to phi[d_i]. Unwinding only reads the full path's weights and
-   (z_i, o_i), so for every element with o_i == 0 the sum is (u+1)/z_i * S0 with one shared
-   S0 = sum_j w_j / (u - j), and its term is -(u+1) * S0 * v. Elements with o_i != 0 need the
-   backward recurrence; their chains are independent and are stepped together. */
-static void leaf_contrib(const PathElem* p, int u, double v, double* phi) {
-  const double inv = INV[u + 1];
-  double s0 = 0.0;
-  for (int j = u - 1; j >= 0; --j) s0 += p[j].w * INV[u - j];
-  const double cold_term = -(double)(u + 1) * s0 * v;
-  int hot[MAXD + 2];
-  double next[MAXD + 2], tot[MAXD + 2], ko[MAXD + 2];
-  int nh = 0;
-  for (int i = 1; i <= u; ++i) {
-    if (p[i].o != 0.0) {
-      hot[nh] = i; next[nh] = p[u].w; tot[nh] = 0.0; ko[nh] = (double)(u + 1) / p[i].o; ++nh;
-    } else {
-      phi[p[i].d] += cold_term;
-    }
-  }
-  for (int j = u - 1; j >= 0; --j) {
-    const double pj = p[j].w, c1 = INV[j + 1], c2 = (double)(u - j) * inv;
-    for (int h = 0; h < nh; ++h) {
-      const double a = ko[h] * c1;
-      tot[h] += next[h] * a;
-      next[h] = pj - next[h] * (a * p[hot[h]].z * c2);
-    }
-  }
-  for (int h = 0; h < nh; ++h) phi[p[hot[h]].d] += tot[h] * (p[hot[h]].o - p[hot[h]].z) * v;
-}
-
-/* `parent` holds elements 0..pu; this node's path is built right after it. */
-static void shap_recurse(int n, const float* x, double* phi, PathElem* parent, int pu,
-                         double pz, double po, int pd) {
-  PathElem* p = parent + pu + 1;
-  for (int i = 0; i <= pu; ++i) p[i] = parent[i];
-  int u = pu + 1;
-  extend(p, u, pz, po, pd);
-  if (S_LEFT[n] < 0) {
-    leaf_contrib(p, u, (double)S_THR[n], phi);
-    return;
-  }
-  const int32_t fi = S_FI[n];
-  const int f = fi >> 1;
-  const int right = go_right(x[f], S_THR[n], fi);
-  const int hot = right ? S_RIGHT[n] : S_LEFT[n], cold = right ? S_LEFT[n] : S_RIGHT[n];
-  double iz = 1.0, io = 1.0;
-  for (int k = 1; k <= u; ++k) {
-    if (p[k].d == f) { iz = p[k].z; io = p[k].o; unwind(p, u, k); --u; break; }
-  }
-  const double c = S_COVER[n];
-  shap_recurse(hot, x, phi, p, u, iz * S_COVER[hot] / c, io, f);
-  shap_recurse(cold, x, phi, p, u, iz * S_COVER[cold] / c, 0.0, f);
-}
-
-int shap(const float* rows, int n_rows, int n_features, double* out) {
-  if (n_features != NF || n_rows < 0) return -1;
-  PathElem buf[(MAXD + 2) * (MAXD + 3) / 2 + 1];
-  for (int r = 0; r < n_rows; ++r) {
-    const float* x = rows + (size_t)r * NF;
-    double* phi = out + (size_t)r * (NF + 1);
-    for (int i = 0; i < NF; ++i) phi[i] = 0.0;
-    for (int t = 0; t < NT; ++t) shap_recurse(T_ROOT[t], x, phi, buf, -1, 1.0, 1.0, -1);
-    phi[NF] = (double)base_margin() + SHAP_TREE_MEANS;
-  }
-  return 0;
-}
-
-/* ---- table-driven TreeSHAP (same numbers, precomputed per leaf) ----
-   At a leaf the path (after merging repeated features) is static: k unique features with cover
-   fractions z_e; only the one-fractions o_e in {0,1} depend on the row (o_e = 1 iff the row
-   satisfies every split on feature e along the way). So each leaf's contributions for all 2^k
-   patterns are computed once with the same EXTEND / leaf step (shap_fill_table), and a row
-   costs one pass over the tree's splits plus, per leaf, its pattern and k table reads. */
-long long shap_table_floats(void) { return TABLE_FLOATS; }
-
-int shap_fill_table(float* table) {
-  PathElem path[MAXD + 2];
-  double phi_local[MAXD + 1];
-  for (int l = 0; l < NL; ++l) {
-    const int k = L_K[l];
-    float* dst = table + L_TOFF[l];
-    for (int pat = 0; pat < (1 << k); ++pat) {
-      extend(path, 0, 1.0, 1.0, -1);
-      for (int e = 0; e < k; ++e) extend(path, e + 1, E_Z[L_EOFF[l] + e], ((pat >> e) & 1) ? 1.0 : 0.0, e);
-      for (int e = 0; e < k; ++e) phi_local[e] = 0.0;
-      leaf_contrib(path, k, (double)L_VALUE[l], phi_local);
-      for (int e = 0; e < k; ++e) dst[pat * k + e] = (float)phi_local[e];
-    }
-  }
-  return 0;
-}
-
-int shap_tabled(const float* table, const float* rows, int n_rows, int n_features, double* out) {
-  if (n_features != NF || n_rows < 0) return -1;
-  unsigned char dir[MAXNODES];
-  for (int r = 0; r < n_rows; ++r)
-    for (int i = 0; i < NF; ++i) out[(size_t)r * (NF + 1) + i] = 0.0;
-  /* tree-major: a tree's slice of the table stays in cache for every row of the batch; each
-     row still adds its trees in tree order, so results do not depend on the batch */
-  for (int t = 0; t < NT; ++t) {
-    for (int r = 0; r < n_rows; ++r) {
-      const float* x = rows + (size_t)r * NF;
-      double* phi = out + (size_t)r * (NF + 1);
-      const int n0 = T_ROOT[t], nn = T_NNODES[t];
-      for (int i = 0; i < nn; ++i) {  /* leaves compute a harmless dummy */
-        const int32_t fi = S_FI[n0 + i];
-        dir[i] = (unsigned char)go_right(x[fi >> 1], S_THR[n0 + i], fi);
-      }
-      for (int l = T_LEAF[t]; l < T_LEAF[t + 1]; ++l) {
-        const int k = L_K[l];
-        unsigned pat = (1u << k) - 1u;
-        for (int c = L_COFF[l]; c < L_COFF[l + 1]; ++c) {
-          const int32_t info = C_INFO[c];  /* slot << 1 | required direction */
-          pat &= ~((unsigned)(dir[C_NODE[c]] != (info & 1)) << (info >> 1));
-        }
-        const float* tv = table + L_TOFF[l] + (size_t)pat * k;
-        const int32_t* ef = E_FEAT + L_EOFF[l];
-        for (int e = 0; e < k; ++e) phi[ef[e]] += (double)tv[e];
-      }
-    }
-  }
-  for (int r = 0; r < n_rows; ++r) out[(size_t)r * (NF + 1) + NF] = (double)base_margin() + SHAP_TREE_MEANS;
-  return 0;
-}
-"""
 
 
-def generate_c(model: NativeModel, *, block_rows: int = 64, max_padded_depth: int = 8, walk_levels: bool = True) -> str:
-    """The complete C source for `model` (deterministic: same model and options, same text).
+def generate_model_header(model: NativeModel, *, block_rows: int = 64, max_padded_depth: int = 8,
+                          walk_levels: bool = True) -> str:
+    """`uwrt_model.h` for `model`: its sizes as macros and its trees as const arrays, the data
+    `native_runtime.c` is compiled against (deterministic: same model and options, same text).
 
     block_rows: rows per tree-major block; max_padded_depth: deeper trees are walked node by
     node instead of padded (a padded tree has 2^D leaves); walk_levels: step the block's rows
@@ -462,14 +229,24 @@ def generate_c(model: NativeModel, *, block_rows: int = 64, max_padded_depth: in
         raise ValueError(f"max_padded_depth must be in [0, 16] and block_rows in [1, 4096], "
                          f"got {max_padded_depth}, {block_rows}")
     depths = [t.depth() for t in model.trees]
-    p_nodes, p_leaves, t_pnode, t_pleaf, t_depth, t_root = [], [], [], [], [], []
-    s_left, s_right, s_fi, s_thr, s_cover = [], [], [], [], []
-    for t, d in zip(model.trees, depths):
+    p_nodes: list[str] = []
+    p_leaves: list[str] = []
+    t_pnode: list[int] = []
+    t_pleaf: list[int] = []
+    t_depth: list[int] = []
+    t_root: list[int] = []
+    s_left: list[str] = []
+    s_right: list[str] = []
+    s_fi: list[str] = []
+    s_thr: list[str] = []
+    s_cover: list[str] = []
+    for t, d in zip(model.trees, depths, strict=True):
         off = len(s_left)
         t_root.append(off)
         s_left += [str(int(c) + off if c >= 0 else -1) for c in t.left]
         s_right += [str(int(c) + off if c >= 0 else -1) for c in t.right]
-        s_fi += [str(int(f) << 1 | int(dl)) if c >= 0 else "0" for f, dl, c in zip(t.feature, t.default_left, t.left)]
+        s_fi += [str(int(f) << 1 | int(dl)) if c >= 0 else "0"
+                 for f, dl, c in zip(t.feature, t.default_left, t.left, strict=True)]
         s_thr += [_f32(v) for v in t.threshold]
         s_cover += [_f64(float(c)) for c in t.cover]
         t_pnode.append(len(p_nodes))
@@ -481,8 +258,17 @@ def generate_c(model: NativeModel, *, block_rows: int = 64, max_padded_depth: in
             t_depth.append(d)
         else:
             t_depth.append(-1)
-    t_leaf, t_nnodes, l_value, l_k, l_eoff, l_coff, l_toff = [0], [], [], [], [], [0], []
-    e_feat, e_z, c_node, c_info = [], [], [], []
+    t_leaf: list[int] = [0]
+    t_nnodes: list[int] = []
+    l_coff: list[int] = [0]
+    l_value: list[str] = []
+    l_k: list[str] = []
+    l_eoff: list[str] = []
+    l_toff: list[str] = []
+    e_feat: list[str] = []
+    e_z: list[str] = []
+    c_node: list[str] = []
+    c_info: list[str] = []
     toff = 0
     for t in model.trees:
         t_nnodes.append(len(t.left))
@@ -501,9 +287,8 @@ def generate_c(model: NativeModel, *, block_rows: int = 64, max_padded_depth: in
     tree_mean = math.fsum(t.mean_value() for t in model.trees)
     maxd = max(depths, default=0)
     head = [
-        f"/* generated by runtime/trees/native.py: {len(model.trees)} trees, {model.num_features} features,"
-        f" objective {model.objective} */",
-        "#include <math.h>", "#include <stddef.h>", "#include <stdint.h>",
+        f"/* uwrt_model.h, generated by runtime/trees/native.py: {len(model.trees)} trees, "
+        f"{model.num_features} features, objective {model.objective}; compiled with native_runtime.c */",
         f"#define NF {model.num_features}", f"#define NT {len(model.trees)}", f"#define BLOCK {int(block_rows)}",
         f"#define MAXD {maxd}", f"#define BASE_SCORE {_f32(model.base_score)}",
         f"#define LINK_LOGIT {1 if model.link == 'logit' else 0}",
@@ -526,7 +311,16 @@ def generate_c(model: NativeModel, *, block_rows: int = 64, max_padded_depth: in
         _arr("int32_t", "E_FEAT", e_feat), _arr("double", "E_Z", e_z),
         _arr("int32_t", "C_NODE", c_node), _arr("int32_t", "C_INFO", c_info),
     ]
-    return "\n".join(head) + "\n" + "".join(d if d.endswith("\n") else d + "\n" for d in data) + _RUNTIME_C
+    return "\n".join(head) + "\n" + "".join(d if d.endswith("\n") else d + "\n" for d in data)
+
+
+#: The fixed C runtime compiled with every model header (package data next to this module).
+RUNTIME_C_PATH = pathlib.Path(__file__).with_name("native_runtime.c")
+
+
+def generate_sources(model: NativeModel, **options: Any) -> dict[str, str]:
+    """The translation unit for `model`: the generated `uwrt_model.h` and `native_runtime.c`."""
+    return {"uwrt_model.h": generate_model_header(model, **options), "native_runtime.c": RUNTIME_C_PATH.read_text()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,6 +363,8 @@ class NativeTreeStage:
         _bind(self._lib)
         self.num_features = int(self._lib.num_features())
         self.num_trees = int(self._lib.num_trees())
+        #: the golden-set parity report (build_native sets it; None when the gate was skipped)
+        self.parity: dict | None = None
 
     def predict_margin(self, rows: np.ndarray) -> np.ndarray:
         x = _as_rows(rows, self.num_features)
@@ -631,7 +427,7 @@ def golden_rows(model: NativeModel, n_rows: int = 256, seed: int = 20261125) -> 
     F = model.num_features
     thr_by_f: list[list[float]] = [[] for _ in range(F)]
     for t in model.trees:
-        for f, thr, c in zip(t.feature, t.threshold, t.left):
+        for f, thr, c in zip(t.feature, t.threshold, t.left, strict=True):
             if c >= 0:
                 thr_by_f[int(f)].append(float(thr))
     x = rng.normal(size=(n_rows, F)).astype(np.float32)
@@ -687,7 +483,10 @@ def check_parity(booster, stage: NativeTreeStage, explainer: NativeExplainer, ro
 
 
 def _generator_digest() -> str:
-    return hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()
+    """The generator (this module) and the C runtime it compiles with: either changing is a new key."""
+    h = hashlib.sha256(pathlib.Path(__file__).read_bytes())
+    h.update(RUNTIME_C_PATH.read_bytes())
+    return h.hexdigest()
 
 
 def build_native(booster, cache_dirs: Sequence[str | os.PathLike], *, progress: Callable[[str], None] | None = None,
@@ -696,7 +495,7 @@ def build_native(booster, cache_dirs: Sequence[str | os.PathLike], *, progress: 
                  ) -> tuple[NativeTreeStage, NativeExplainer]:
     """Generate, compile (or load from cache) and verify the native stage + explainer for `booster`.
 
-    Steps: parse_model (UnsupportedTreeModel) -> generate_c -> native_cache.build_shared_library
+    Steps: parse_model (UnsupportedTreeModel) -> generate_sources -> cache.build_shared_library
     (NativeBuildError) -> check_parity on `golden` rows (NativeParityError). The parity report
     is kept on `stage.parity`. Safe to call from several threads/processes (the cache locks)."""
     progress = progress or (lambda msg: log.info("%s", msg))
@@ -705,7 +504,7 @@ def build_native(booster, cache_dirs: Sequence[str | os.PathLike], *, progress: 
     key_parts = {"model_sha256": hashlib.sha256(raw).hexdigest(), "generator_sha256": _generator_digest(),
                  "block_rows": str(block_rows), "max_padded_depth": str(max_padded_depth)}
     lib = build_shared_library(
-        "uwrt_trees", lambda: {"trees.c": generate_c(model, block_rows=block_rows, max_padded_depth=max_padded_depth)},
+        "uwrt_trees", lambda: generate_sources(model, block_rows=block_rows, max_padded_depth=max_padded_depth),
         key_parts, cache_dirs, cflags=cflags, ldflags=("-lm",), progress=progress)
     stage, explainer = NativeTreeStage(lib), NativeExplainer(lib, table_max_bytes=shap_table_max_bytes)
     if stage.num_features != model.num_features or stage.num_trees != len(model.trees):
@@ -713,7 +512,6 @@ def build_native(booster, cache_dirs: Sequence[str | os.PathLike], *, progress: 
                                 f"model has {model.num_features} / {len(model.trees)}")
     progress(f"native TreeSHAP mode {explainer.mode!r} (pattern table {explainer.table_bytes / 2**20:.1f} MiB, "
              f"cap {shap_table_max_bytes / 2**20:.0f} MiB)")
-    stage.parity = None
     if golden:
         stage.parity = check_parity(booster, stage, explainer, golden_rows(model, golden))
         progress(f"native trees verified against xgboost on {golden} golden rows: {stage.parity}")

@@ -41,7 +41,7 @@ def random_rows(rng, n, f, *, thresholds_from=None):
     x[2] = -np.inf
     if thresholds_from is not None:  # values exactly at split thresholds
         for t in parse_model(thresholds_from).trees:
-            for fi, thr, c in zip(t.feature, t.threshold, t.left):
+            for fi, thr, c in zip(t.feature, t.threshold, t.left, strict=True):
                 if c >= 0:
                     x[rng.integers(3, n), fi] = thr
     return x
@@ -167,12 +167,29 @@ def test_other_objectives(rng, tmp_path, objective):
 
 
 def test_cache_hit_and_generated_source_deterministic(rng, tmp_path):
-    from uwrt.runtime.trees.native import generate_c
+    from uwrt.runtime.trees.native import generate_sources
     b = train(rng, depth=3, trees=10)
     s1, _ = build_native(b, [tmp_path], progress=lambda s: None)
     s2, _ = build_native(b, [tmp_path], progress=lambda s: None)
     assert s1.library.built and not s2.library.built and s1.library.key == s2.library.key
-    assert generate_c(parse_model(b)) == generate_c(parse_model(b))
+    assert generate_sources(parse_model(b)) == generate_sources(parse_model(b))
+
+
+@pytest.mark.parametrize("depth", [3, 10])   # 10: deeper than max_padded_depth, the sparse walk
+def test_c_runtime_compiles_without_warnings(rng, tmp_path, depth):
+    """native_runtime.c and a generated header pass -Wall -Wextra -Werror -pedantic (C99)."""
+    import shutil
+    import subprocess
+
+    from uwrt.runtime.trees.native import generate_sources
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (cc) on PATH")
+    for name, text in generate_sources(parse_model(train(rng, depth=depth, trees=8))).items():
+        (tmp_path / name).write_text(text)
+    r = subprocess.run([cc, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", "-c", "native_runtime.c",
+                        "-o", "native_runtime.o"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_unsupported_models_raise(rng):
@@ -183,7 +200,8 @@ def test_unsupported_models_raise(rng):
         parse_model(multi)
     y = (x[:, 0] > 0).astype(int)
     with pytest.raises(UnsupportedTreeModel, match="dart"):
-        parse_model(xgb.train({"booster": "dart", "max_depth": 2, "objective": "binary:logistic"}, xgb.DMatrix(x, y), 2))
+        parse_model(xgb.train({"booster": "dart", "max_depth": 2, "objective": "binary:logistic"},
+                              xgb.DMatrix(x, y), 2))
     with pytest.raises(UnsupportedTreeModel, match="objective"):
         parse_model(xgb.train({"objective": "count:poisson", "max_depth": 2}, xgb.DMatrix(x, y), 2))
     cat = np.stack([rng.integers(0, 5, 300).astype(np.float32), x[:, 1]], 1)
