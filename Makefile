@@ -15,16 +15,27 @@ BIN    := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(BIN)/python
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements/cpu.txt
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+# Each install step leaves a stamp in the venv and reruns only when its inputs change, so
+# `make demo` / `make serve` / `make test` do not reinstall on every call.
+PIP := $(BIN)/pip install --disable-pip-version-check -q
+
+install: $(VENV)/.stamp-install
+install-test: $(VENV)/.stamp-test
+bench-install: $(VENV)/.stamp-bench
+
+$(VENV)/.stamp-install: $(BIN)/python requirements/cpu.txt setup.py pyproject.toml
+	$(PIP) -r requirements/cpu.txt
+	$(PIP) --no-deps --no-build-isolation -e .
 	$(BIN)/python scripts/check_torch_cpu.py
+	@touch $@
 
-install-test: install
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements/test.txt
+$(VENV)/.stamp-test: $(VENV)/.stamp-install requirements/test.txt
+	$(PIP) -r requirements/test.txt
+	@touch $@
 
-bench-install: install
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements/bench.txt
+$(VENV)/.stamp-bench: $(VENV)/.stamp-install requirements/bench.txt
+	$(PIP) -r requirements/bench.txt
+	@touch $@
 
 bundle: install
 	@test -f $(BUNDLE)/manifest.json || $(BIN)/uwrt build-demo --out $(BUNDLE)
