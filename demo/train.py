@@ -266,6 +266,8 @@ def _jsonable(o):
 
 def model_card_md(c: dict) -> str:
     ok = c["acceptance"]
+    order = ("it loses most of it, so the gain comes from order and recency" if ok["shuffled_control_loses_most"]
+             else "it does NOT lose most of it")
     return f"""# Model card: {c['model']}
 
 Synthetic data only (seeded generator, `demo/synth.py`); not for real credit decisions.
@@ -279,7 +281,7 @@ Synthetic data only (seeded generator, `demo/synth.py`); not for real credit dec
 
 Encoder lift: {c['encoder_lift']:+.4f} AUC (target >= 0.02: {'met' if ok['encoder_lift_ok'] else 'NOT met'}).
 The shuffled-order control keeps {c['shuffled_control_lift_retained']:.0%} of that lift
-({'it loses most of it, so the gain comes from order and recency' if ok['shuffled_control_loses_most'] else 'it does NOT lose most of it'}).
+({order}).
 
 ## Data
 {c['n_applicants']} synthetic applicants (seed {c['seed']}): {c['n_train']} train, {c['n_test']} test;
