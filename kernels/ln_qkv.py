@@ -138,7 +138,8 @@ def _variants():
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_LN": "constexpr", "IEEE": "constexpr"}
             const = {"K": K, "N": N, "BLOCK_K": _block_k(K), "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
                      "HAS_LN": has_ln, "IEEE": dt == "*fp32"}
-            out.append((_ln_linear_kernel, sig, const, f"ln_linear {dt[1:]} K={K} N={N} ln={int(has_ln)}", dict(num_warps=4)))
+            out.append((_ln_linear_kernel, sig, const, f"ln_linear {dt[1:]} K={K} N={N} ln={int(has_ln)}",
+                        dict(num_warps=4)))
     return out
 
 
