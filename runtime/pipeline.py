@@ -65,7 +65,8 @@ class Pipeline:
             cfg = config or RuntimeConfig()
             if encoder_backend is not None and encoder_backend != cfg.encoder_backend:
                 if encoder_backend not in ENCODER_BACKENDS:
-                    raise ValueError(f"unknown encoder backend {encoder_backend!r}; choose one of {sorted(ENCODER_BACKENDS)}")
+                    raise ValueError(f"unknown encoder backend {encoder_backend!r}; "
+                                     f"choose one of {sorted(ENCODER_BACKENDS)}")
                 cfg = dataclasses.replace(cfg, encoder_backend=encoder_backend)
             encoder = build_encoder(bundle, cfg)
         self.encoder = encoder
@@ -73,12 +74,14 @@ class Pipeline:
             self.trees, self.explainer, self.tree_report = build_trees(bundle, config or RuntimeConfig(),
                                                                        tree_threads=tree_threads)
         else:
-            booster = load_booster(bundle.tree_model_bytes(), nthread=tree_threads)  # bytes verified against the manifest
+            # bytes verified against the manifest
+            booster = load_booster(bundle.tree_model_bytes(), nthread=tree_threads)
             self.trees, self.explainer, self.tree_report = trees, TreeExplainer(booster), {"reasons": "xgboost"}
         self.identity = bundle.identity()
         self.reason_codes = self.schema.reason_codes
         if self.trees.num_features != len(self.schema.features):
-            raise ValueError(f"tree stage expects {self.trees.num_features} features, schema has {len(self.schema.features)}")
+            raise ValueError(f"tree stage expects {self.trees.num_features} features, "
+                             f"schema has {len(self.schema.features)}")
 
     @classmethod
     def from_dir(cls, path, **kw) -> Pipeline:
@@ -153,7 +156,7 @@ class Pipeline:
             responses = self._respond(requests, batch, rows, margin)
             times.policy_us = _us(t0)
             total_us = _us(t_start)
-            for r, resp in zip(batch.index, responses):
+            for r, resp in zip(batch.index, responses, strict=True):
                 tm = resp.timing
                 tm.featurize_us, tm.encode_us, tm.trees_us = times.featurize_us, times.encode_us, times.trees_us
                 tm.policy_us, tm.total_us = times.policy_us, total_us

@@ -123,7 +123,7 @@ def _schema_rows(b: Bundle) -> list[tuple[str, str, str, str, str]]:
 
 def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def format_text(b: Bundle) -> str:

@@ -26,7 +26,8 @@ log = logging.getLogger("uwrt.encoder")
 #: CPU GEMM kernels take different code paths (and round differently) for a handful of row
 #: counts below this (measured: 1-3, 5-7, 9-11 rows differ from the same rows inside a larger
 #: matrix). Padding every linear layer's input to at least this many rows makes a request's
-#: result independent of how many other requests share its batch. tests/runtime/encoders/test_torch_encoder.py checks it.
+#: result independent of how many other requests share its batch.
+#: tests/runtime/encoders/test_torch_encoder.py checks it.
 MIN_GEMM_ROWS = 16
 
 
@@ -54,7 +55,8 @@ class EncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: np.ndarray) -> torch.Tensor:
         # x: [T, d]
         T = x.shape[0]
-        q, k, v = linear_rows(self.ln1(x), self.qkv).view(T, 3, self.n_heads, self.head_dim).unbind(1)  # each [T, H, Dh]
+        # q, k, v: each [T, H, Dh]
+        q, k, v = linear_rows(self.ln1(x), self.qkv).view(T, 3, self.n_heads, self.head_dim).unbind(1)
         a = varlen_attention(q, k, v, cu_seqlens).reshape(T, -1)
         x = x + linear_rows(a, self.out)
         return x + linear_rows(F.gelu(linear_rows(self.ln2(x), self.fc1)), self.fc2)

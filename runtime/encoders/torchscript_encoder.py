@@ -28,7 +28,8 @@ assert MIN_GEMM_ROWS == 16, "update the literal in _lin"
 
 
 def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """F.linear with rows padded to MIN_GEMM_ROWS (16) (batch invariance; see uwrt.runtime.encoders.torch_encoder.linear_rows)."""
+    """F.linear with rows padded to MIN_GEMM_ROWS (16) (batch invariance; see
+    uwrt.runtime.encoders.torch_encoder.linear_rows)."""
     m = x.shape[0]
     if m >= 16:
         return F.linear(x, w, b)

@@ -330,5 +330,5 @@ class TritonEncoderBackend:
 
     def stats(self) -> dict:
         """Backend counters plus uwrt.kernels.dispatch counters (fallbacks included)."""
-        return {**self.counters, "graphs_disabled": self.graphs_disabled, "graphs": sum(s.graph is not None for s in self._static.values()),
-                "dispatch": K.stats()}
+        return {**self.counters, "graphs_disabled": self.graphs_disabled,
+                "graphs": sum(s.graph is not None for s in self._static.values()), "dispatch": K.stats()}
