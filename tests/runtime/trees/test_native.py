@@ -41,7 +41,7 @@ def random_rows(rng, n, f, *, thresholds_from=None):
     x[2] = -np.inf
     if thresholds_from is not None:  # values exactly at split thresholds
         for t in parse_model(thresholds_from).trees:
-            for fi, thr, c in zip(t.feature, t.threshold, t.left):
+            for fi, thr, c in zip(t.feature, t.threshold, t.left, strict=True):
                 if c >= 0:
                     x[rng.integers(3, n), fi] = thr
     return x
@@ -183,7 +183,8 @@ def test_unsupported_models_raise(rng):
         parse_model(multi)
     y = (x[:, 0] > 0).astype(int)
     with pytest.raises(UnsupportedTreeModel, match="dart"):
-        parse_model(xgb.train({"booster": "dart", "max_depth": 2, "objective": "binary:logistic"}, xgb.DMatrix(x, y), 2))
+        parse_model(xgb.train({"booster": "dart", "max_depth": 2, "objective": "binary:logistic"},
+                              xgb.DMatrix(x, y), 2))
     with pytest.raises(UnsupportedTreeModel, match="objective"):
         parse_model(xgb.train({"objective": "count:poisson", "max_depth": 2}, xgb.DMatrix(x, y), 2))
     cat = np.stack([rng.integers(0, 5, 300).astype(np.float32), x[:, 1]], 1)
