@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,7 +69,8 @@ class DemoConfig:
             cfg = cls(n_applicants=600, epochs=1, xgb_rounds=30, encoder=EncoderConfig(max_history=64))
         else:
             raise ValueError(f"unknown preset {name!r}")
-        over = {k: v for k, v in dict(seed=seed, n_applicants=n_applicants, epochs=epochs).items() if v is not None}
+        given: dict[str, Any] = dict(seed=seed, n_applicants=n_applicants, epochs=epochs)
+        over = {k: v for k, v in given.items() if v is not None}
         return dataclasses.replace(cfg, **over)
 
 
