@@ -251,12 +251,12 @@ def _drop_bad_events(requests, index, cols, errors) -> np.ndarray:
     keep = np.ones(len(cols), dtype=bool)
     if lens.sum() == 0:
         return keep
-    cat = [np.concatenate([c[k] for c in cols]) for k in range(6)]
+    ts, types, amt, mcc, dpd, inst = (np.concatenate([c[k] for c in cols]) for k in range(6))
     seg = np.repeat(np.arange(len(cols)), lens)
     as_of = np.array([requests[i].as_of.seconds for i in index], dtype=np.int64)
     same_next = np.zeros(len(seg), dtype=bool)
     same_next[:-1] = seg[1:] == seg[:-1]
-    bad = _bad_events(*cat, as_of[seg], same_next)
+    bad = _bad_events(ts, types, amt, mcc, dpd, inst, as_of[seg], same_next)
     for j in np.unique(seg[bad]):
         r = index[j]
         try:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from uwrt.runtime.errors import InvalidRequest
 from uwrt.runtime.featurize import FeatureBatch, Limits, featurize
 from uwrt.runtime.pb import pb
 from uwrt.runtime.policy import ADVERSE, counteroffer_amount, outcome_for, score_for, top_reasons
-from uwrt.runtime.trees.base import TreeExplainer, TreeStage, load_booster
+from uwrt.runtime.trees.base import Explainer, TreeExplainer, TreeStage, load_booster
 from uwrt.runtime.trees.build import build_trees
 
 log = logging.getLogger("uwrt.pipeline")
@@ -70,6 +71,9 @@ class Pipeline:
                 cfg = dataclasses.replace(cfg, encoder_backend=encoder_backend)
             encoder = build_encoder(bundle, cfg)
         self.encoder = encoder
+        self.trees: TreeStage
+        self.explainer: Explainer
+        self.tree_report: dict[str, Any]
         if trees is None:
             self.trees, self.explainer, self.tree_report = build_trees(bundle, config or RuntimeConfig(),
                                                                        tree_threads=tree_threads)
@@ -168,7 +172,6 @@ class Pipeline:
         pd = sigmoid(margin)
         outcomes = [outcome_for(float(p), self.policy) for p in pd]
         adverse = [j for j, o in enumerate(outcomes) if o in ADVERSE]
-        contribs = self.explainer.contributions(rows[adverse]) if adverse else None
         out = []
         for j, r in enumerate(batch.index):
             resp = pb.DecisionResponse(
@@ -179,8 +182,10 @@ class Pipeline:
             if outcomes[j] == pb.COUNTEROFFER:
                 resp.counteroffer_amount_minor = counteroffer_amount(requests[r].purchase.amount_minor, self.policy)
             out.append(resp)
-        for k, j in enumerate(adverse):
-            out[j].reasons.extend(top_reasons(contribs[k, :-1], self.reason_codes, self.policy))
+        if adverse:
+            contribs = self.explainer.contributions(rows[adverse])
+            for k, j in enumerate(adverse):
+                out[j].reasons.extend(top_reasons(contribs[k, :-1], self.reason_codes, self.policy))
         return out
 
 

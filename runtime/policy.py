@@ -12,7 +12,7 @@ from uwrt.runtime.bundle.schema import Policy
 from uwrt.runtime.pb import pb
 
 
-def outcome_for(pd: float, policy: Policy) -> int:
+def outcome_for(pd: float, policy: Policy) -> pb.Outcome:
     """The pb.Outcome for a probability of default under the policy's thresholds."""
     if pd <= policy.approve_max_pd:
         return pb.APPROVE

@@ -258,7 +258,8 @@ class _KeyLock:
     """Exclusive flock on <cache_dir>/.<name>-<key>.lock (no-op where flock is unavailable)."""
 
     def __init__(self, path: pathlib.Path) -> None:
-        self.path, self.fd = path, None
+        self.path = path
+        self.fd: int | None = None
 
     def __enter__(self) -> _KeyLock:
         try:

@@ -115,7 +115,7 @@ class RoutedTreeStage:
         table = []
         for b in sizes:
             x = rows_sample[np.arange(b) % len(rows_sample)]
-            samples = {s.name: [] for s in live}
+            samples: dict[str, list[int]] = {s.name: [] for s in live}
             for s in live:
                 for _ in range(warmup):
                     s.predict_margin(x)
@@ -178,7 +178,7 @@ class RoutedTreeStage:
 
     def crossovers(self) -> list[dict]:
         """Compressed table: [{"from_batch": b, "path": name}, ...] in increasing b."""
-        out = []
+        out: list[dict] = []
         for row in self._table:
             if not out or out[-1]["path"] != row["best"]:
                 out.append({"from_batch": row["batch"], "path": row["best"]})
