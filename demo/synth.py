@@ -211,7 +211,7 @@ def history_aggregates(ts: Sequence[int], ty: Sequence[int], amt: Sequence[int],
     n_orig = n_dec = n_late = n_missed = n_apf = n_late90 = 0
     max_dpd = 0
     total = 0
-    for t, e, a, d in zip(ts, ty, amt, dpd):
+    for t, e, a, d in zip(ts, ty, amt, dpd, strict=True):
         if e == ORIGINATION:
             total += a
         if t < y0:
@@ -372,22 +372,26 @@ def _applicant(seed: int, i: int, id_prefix: str, drift: float):
         mcc = _pick_mcc(d, own, own_cum)
         n_open = len(origs) - bisect_right(origs, t - 56 * DAY)
         if u() < _sigmoid(-3.4 + 0.7 * risk + 0.45 * n_open + 0.25 * seek):
-            ev.append((t, seq, DECLINED, amt, mcc, 0, 0)); seq += 1
+            ev.append((t, seq, DECLINED, amt, mcc, 0, 0))
+            seq += 1
             continue
         lid = len(loan_t)
         origs.append(t)
         loan_t.append(t)
         loan_mcc.append(mcc)
-        ev.append((t, seq, ORIGINATION, amt, mcc, 0, 0)); seq += 1
+        ev.append((t, seq, ORIGINATION, amt, mcc, 0, 0))
+        seq += 1
         q = amt // 4
         loan_inst.append([amt - 3 * q, q, q, q])
         payoff_at.append(1 + int(u() * 3) if u() < _sigmoid(-2.8 + 0.6 * liq) else 0)
         for k in range(1, 5):
             dues.append((t + 14 * k * DAY, lid, k))
         if u() < 0.05:
-            ev.append((t + int((2 + 28 * u()) * DAY), seq, REFUND, int(amt * (0.2 + 0.8 * u())), mcc, 0, 0)); seq += 1
+            ev.append((t + int((2 + 28 * u()) * DAY), seq, REFUND, int(amt * (0.2 + 0.8 * u())), mcc, 0, 0))
+            seq += 1
         if u() < _sigmoid(-4.6 + 0.5 * risk):
-            ev.append((t + int((10 + 50 * u()) * DAY), seq, CHARGEBACK, amt, mcc, 0, 0)); seq += 1
+            ev.append((t + int((10 + 50 * u()) * DAY), seq, CHARGEBACK, amt, mcc, 0, 0))
+            seq += 1
 
     # --- installments in time order, with a persistent delinquency state
     dues.sort()
@@ -405,45 +409,55 @@ def _applicant(seed: int, i: int, id_prefix: str, drift: float):
         n_open = bisect_right(origs, td) - bisect_right(origs, td - 56 * DAY)
         z = (-3.1 + 0.75 * risk - 0.55 * liq + 0.4 * min(n_open - 1, 5) + 1.6 * state
              + (shock if td >= shock_t else 0.0))
-        ev.append((td, seq, INSTALLMENT_DUE, a, mcc, 0, k)); seq += 1
+        ev.append((td, seq, INSTALLMENT_DUE, a, mcc, 0, k))
+        seq += 1
         if u() < _sigmoid(z):
             p_missed = _sigmoid(-1.6 + 0.6 * risk + 1.0 * state)
             state = 1.0
             r = u()
             missed = r < p_missed
             if not missed and r < p_missed + 0.3 * (1.0 - p_missed):      # autopay failure
-                ev.append((td + 60 + int(3600 * u()), seq, AUTOPAY_FAIL, a, mcc, 0, k)); seq += 1
+                ev.append((td + 60 + int(3600 * u()), seq, AUTOPAY_FAIL, a, mcc, 0, k))
+                seq += 1
                 if u() < 0.75:
                     dpd = min(9, 1 + int(d.exp(2.5)))
-                    ev.append((td + dpd * DAY + int(43_200 * u()), seq, PAID_LATE, a, mcc, dpd, k)); seq += 1
+                    ev.append((td + dpd * DAY + int(43_200 * u()), seq, PAID_LATE, a, mcc, dpd, k))
+                    seq += 1
                 else:
                     missed = True
             elif not missed:                                                 # manual late payment
                 dpd = min(29, 1 + int(d.exp(4.0)))
-                ev.append((td + dpd * DAY + int(43_200 * u()), seq, PAID_LATE, a, mcc, dpd, k)); seq += 1
+                ev.append((td + dpd * DAY + int(43_200 * u()), seq, PAID_LATE, a, mcc, dpd, k))
+                seq += 1
             if missed:
-                ev.append((td + 10 * DAY, seq, MISSED, a, mcc, 10, k)); seq += 1
+                ev.append((td + 10 * DAY, seq, MISSED, a, mcc, 10, k))
+                seq += 1
                 if u() < 0.6:
                     dpd = min(89, 11 + int(d.exp(15.0)))
-                    ev.append((td + dpd * DAY + int(43_200 * u()), seq, PAID_LATE, a, mcc, dpd, k)); seq += 1
+                    ev.append((td + dpd * DAY + int(43_200 * u()), seq, PAID_LATE, a, mcc, dpd, k))
+                    seq += 1
                 else:
-                    ev.append((td + 40 * DAY, seq, MISSED, a, mcc, 40, k)); seq += 1
+                    ev.append((td + 40 * DAY, seq, MISSED, a, mcc, 40, k))
+                    seq += 1
                     if u() < 0.5:
                         dpd = 41 + int(80 * u())
-                        ev.append((td + dpd * DAY + int(43_200 * u()), seq, PAID_LATE, a, mcc, dpd, k)); seq += 1
+                        ev.append((td + dpd * DAY + int(43_200 * u()), seq, PAID_LATE, a, mcc, dpd, k))
+                        seq += 1
         else:
             state *= 0.5
-            ev.append((td + int(43_200 * u()), seq, PAID_ON_TIME, a, mcc, 0, k)); seq += 1
+            ev.append((td + int(43_200 * u()), seq, PAID_ON_TIME, a, mcc, 0, k))
+            seq += 1
             if payoff_at[lid] == k and k < 4:
                 rest = sum(loan_inst[lid][k:])
-                ev.append((td + int((1 + 12 * u()) * DAY), seq, PAYOFF, rest, mcc, 0, 0)); seq += 1
+                ev.append((td + int((1 + 12 * u()) * DAY), seq, PAYOFF, rest, mcc, 0, 0))
+                seq += 1
                 closed[lid] = True
 
     ev = [e for e in ev if e[0] <= as_of]
     ev.sort()
     ev.reverse()
     del ev[MAX_EVENTS:]
-    ts, _, ty, am, mc, dp, ix = (list(c) for c in zip(*ev))
+    ts, _, ty, am, mc, dp, ix = (list(c) for c in zip(*ev, strict=True))
 
     # --- tabular features
     feats = {
@@ -457,7 +471,7 @@ def _applicant(seed: int, i: int, id_prefix: str, drift: float):
     }
     feats.update(history_aggregates(ts, ty, am, dp, as_of))
     missing = [u() < MISSING_RATE for _ in APPLICANT_FEATURE_NAMES]
-    feats = {k: feats[k] for k, m in zip(APPLICANT_FEATURE_NAMES, missing) if not m}
+    feats = {k: feats[k] for k, m in zip(APPLICANT_FEATURE_NAMES, missing, strict=True) if not m}
 
     # --- the purchase being decided
     r = u()

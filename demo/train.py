@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,7 +69,8 @@ class DemoConfig:
             cfg = cls(n_applicants=600, epochs=1, xgb_rounds=30, encoder=EncoderConfig(max_history=64))
         else:
             raise ValueError(f"unknown preset {name!r}")
-        over = {k: v for k, v in dict(seed=seed, n_applicants=n_applicants, epochs=epochs).items() if v is not None}
+        given: dict[str, Any] = dict(seed=seed, n_applicants=n_applicants, epochs=epochs)
+        over = {k: v for k, v in given.items() if v is not None}
         return dataclasses.replace(cfg, **over)
 
 
@@ -266,6 +268,8 @@ def _jsonable(o):
 
 def model_card_md(c: dict) -> str:
     ok = c["acceptance"]
+    order = ("it loses most of it, so the gain comes from order and recency" if ok["shuffled_control_loses_most"]
+             else "it does NOT lose most of it")
     return f"""# Model card: {c['model']}
 
 Synthetic data only (seeded generator, `demo/synth.py`); not for real credit decisions.
@@ -279,7 +283,7 @@ Synthetic data only (seeded generator, `demo/synth.py`); not for real credit dec
 
 Encoder lift: {c['encoder_lift']:+.4f} AUC (target >= 0.02: {'met' if ok['encoder_lift_ok'] else 'NOT met'}).
 The shuffled-order control keeps {c['shuffled_control_lift_retained']:.0%} of that lift
-({'it loses most of it, so the gain comes from order and recency' if ok['shuffled_control_loses_most'] else 'it does NOT lose most of it'}).
+({order}).
 
 ## Data
 {c['n_applicants']} synthetic applicants (seed {c['seed']}): {c['n_train']} train, {c['n_test']} test;

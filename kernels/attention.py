@@ -88,9 +88,9 @@ def _head_short(qkv_ptr, stride_qkv, rows, rmask, h, qk_scale,
     s = tl.where(rmask[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)                                                   # finite: >= 1 valid key
     p = tl.exp2(s - m[:, None])
-    l = tl.sum(p, axis=1)                                                   # >= 1
+    denom = tl.sum(p, axis=1)                                               # >= 1
     o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return o / l[:, None]
+    return o / denom[:, None]
 
 
 @triton.jit
@@ -212,7 +212,8 @@ def check_inputs(qkv: torch.Tensor, cu_seqlens: torch.Tensor, n_heads: int, head
     if qkv.dtype == torch.bfloat16 and (qkv.device.type != "cuda" or interpreting()):
         raise TypeError("bfloat16 attention needs a CUDA device (the Triton interpreter computes bf16 wrongly)")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be int32 [B+1] with B >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"cu_seqlens must be int32 [B+1] with B >= 1, "
+                         f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != qkv.device or not cu_seqlens.is_contiguous():
         raise ValueError(f"cu_seqlens must be contiguous on {qkv.device}, got {cu_seqlens.device}")
     if int(max_seqlen) < 0:

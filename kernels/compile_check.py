@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 
 #: Op modules whose COMPILE_VARIANTS are compiled (one line per module; missing ones are skipped).
 MODULES = (
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     jobs = [(i, arch) for i in range(len(variants)) for arch in archs]
     n_procs = max(1, min(args.jobs, len(jobs)))
+    results: Iterator[tuple[bool, str]]
     if n_procs == 1:
         results = (_compile_job(variants, i, arch, args.ptxas_info) for i, arch in jobs)
     else:

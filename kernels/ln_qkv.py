@@ -88,15 +88,17 @@ def ln_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, ln_w: torch.Ten
     if K > 512:
         raise ValueError(f"ln_linear: K={K} > 512 is not supported (one tile per reduction)")
     has_ln = ln_w is not None
-    if has_ln and (ln_b is None or ln_w.shape != (K,) or ln_b.shape != (K,)):
+    if ln_w is not None and (ln_b is None or ln_w.shape != (K,) or ln_b.shape != (K,)):
         raise ValueError("ln_linear: ln_w and ln_b must both be [K]")
     x, w, b = x.contiguous(), w.contiguous(), b.contiguous()
     if out is None:
         out = torch.empty(T, N, device=x.device, dtype=w.dtype)
     if T == 0:
         return out
-    lnw = ln_w.contiguous() if has_ln else b
-    lnb = ln_b.contiguous() if has_ln else b
+    if ln_w is not None and ln_b is not None:  # both or neither: checked above
+        lnw, lnb = ln_w.contiguous(), ln_b.contiguous()
+    else:
+        lnw = lnb = b
     grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _ln_linear_kernel[grid](x, lnw, lnb, w, b, out, int(T), float(eps),
                             K=int(K), N=int(N), BLOCK_K=_block_k(K), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
@@ -138,7 +140,8 @@ def _variants():
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_LN": "constexpr", "IEEE": "constexpr"}
             const = {"K": K, "N": N, "BLOCK_K": _block_k(K), "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
                      "HAS_LN": has_ln, "IEEE": dt == "*fp32"}
-            out.append((_ln_linear_kernel, sig, const, f"ln_linear {dt[1:]} K={K} N={N} ln={int(has_ln)}", dict(num_warps=4)))
+            out.append((_ln_linear_kernel, sig, const, f"ln_linear {dt[1:]} K={K} N={N} ln={int(has_ln)}",
+                        dict(num_warps=4)))
     return out
 
 

@@ -76,7 +76,8 @@ def mlp(h: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2
     T, D = x.shape
     Fdim = w1.shape[0]
     if h.shape != x.shape or w1.shape != (Fdim, D) or b1.shape != (Fdim,) or w2.shape != (D, Fdim) or b2.shape != (D,):
-        raise ValueError(f"mlp: bad shapes h {tuple(h.shape)} x {tuple(x.shape)} w1 {tuple(w1.shape)} w2 {tuple(w2.shape)}")
+        raise ValueError(f"mlp: bad shapes h {tuple(h.shape)} x {tuple(x.shape)} "
+                         f"w1 {tuple(w1.shape)} w2 {tuple(w2.shape)}")
     if D > 256:
         raise ValueError(f"mlp: d={D} > 256 is not supported (one row tile holds all of d)")
     h, x, w1, b1, w2, b2 = (t.contiguous() for t in (h, x, w1, b1, w2, b2))

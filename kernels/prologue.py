@@ -85,7 +85,8 @@ def prologue(type_ids: torch.Tensor, mcc_ids: torch.Tensor, numeric: torch.Tenso
     grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _prologue_kernel[grid](type_ids.contiguous(), mcc_ids.contiguous(), numeric.contiguous(), type_emb.contiguous(),
                            mcc_emb.contiguous(), w.contiguous(), b.contiguous(), out, int(T),
-                           E1=int(E1), E2=int(E2), NN=int(NN), N=int(N), BLOCK_K=max(16, triton.next_power_of_2(int(K))),
+                           E1=int(E1), E2=int(E2), NN=int(NN), N=int(N),
+                           BLOCK_K=max(16, triton.next_power_of_2(int(K))),
                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IEEE=(w.dtype == torch.float32), num_warps=4)
     return out
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import os
 import re
 import tomllib
@@ -69,7 +70,7 @@ class BatchingConfig:
         if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_queue < 1:
             raise ValueError("max_batch_size, max_batch_tokens and max_queue must be >= 1")
         edges = tuple(self.length_buckets)
-        if any(not isinstance(e, int) or e < 1 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        if any(not isinstance(e, int) or e < 1 for e in edges) or any(b <= a for a, b in itertools.pairwise(edges)):
             raise ValueError(f"length_buckets must be strictly increasing positive integers, got {edges!r}")
         object.__setattr__(self, "length_buckets", edges)
 
@@ -206,7 +207,7 @@ class RuntimeConfig:
             with open(config_file, "rb") as fh:
                 values = tomllib.load(fh)
             _check_keys(cls, values, config_file)
-        for name, typ, path in _leaves(cls):
+        for _, typ, path in _leaves(cls):
             key = "UWRT_" + "_".join(path).upper()
             if key in env:
                 _put(values, path, _parse(env[key], typ, key))
@@ -233,7 +234,7 @@ class RuntimeConfig:
     def flat(self) -> dict[str, str]:
         """Every knob as 'name' / 'batching.name' -> value string (for GetModelInfo and logs)."""
         out = {}
-        for name, _, path in _leaves(type(self)):
+        for _, _, path in _leaves(type(self)):
             v: Any = self
             for p in path:
                 v = getattr(v, p)

@@ -85,7 +85,8 @@ class PackedEvents:
     def select(self, rows: list[int] | np.ndarray) -> PackedEvents:
         """A new PackedEvents holding only the given requests, in the given order."""
         starts, lens = self.cu_seqlens[:-1], self.lengths
-        idx = np.concatenate([np.arange(starts[r], starts[r] + lens[r]) for r in rows]) if len(rows) else np.zeros(0, np.int64)
+        idx = (np.concatenate([np.arange(starts[r], starts[r] + lens[r]) for r in rows]) if len(rows)
+               else np.zeros(0, np.int64))
         cu = np.zeros(len(rows) + 1, dtype=np.int32)
         cu[1:] = np.cumsum(lens[np.asarray(rows, dtype=np.int64)]) if len(rows) else []
         return PackedEvents(self.type_ids[idx], self.mcc_ids[idx], self.numeric[idx], cu,
@@ -150,15 +151,15 @@ def featurize(requests: list[pb.DecisionRequest], schema: FeatureSchema, enc: En
     if cols:
         keep = _drop_bad_events(requests, index, cols, errors)
         if not keep.all():
-            index = [r for r, k in zip(index, keep) if k]
-            rows = [r for r, k in zip(rows, keep) if k]
-            warns = [w for w, k in zip(warns, keep) if k]
-            cols = [c for c, k in zip(cols, keep) if k]
+            index = [r for r, k in zip(index, keep, strict=True) if k]
+            rows = [r for r, k in zip(rows, keep, strict=True) if k]
+            warns = [w for w, k in zip(warns, keep, strict=True) if k]
+            cols = [c for c, k in zip(cols, keep, strict=True) if k]
     as_of = np.array([requests[i].as_of.seconds for i in index], dtype=np.int64)
     events, ev_warns = _pack(cols, as_of, enc)
     n_cols = len(schema.applicant) + schema.n_purchase
     tab = np.stack(rows).astype(np.float32) if rows else np.zeros((0, n_cols), np.float32)
-    warnings = [ew + w for ew, w in zip(ev_warns, warns)]
+    warnings = [ew + w for ew, w in zip(ev_warns, warns, strict=True)]
     return FeatureBatch(index, [requests[i].request_id for i in index], events, tab, warnings), errors
 
 
@@ -250,12 +251,12 @@ def _drop_bad_events(requests, index, cols, errors) -> np.ndarray:
     keep = np.ones(len(cols), dtype=bool)
     if lens.sum() == 0:
         return keep
-    cat = [np.concatenate([c[k] for c in cols]) for k in range(6)]
+    ts, types, amt, mcc, dpd, inst = (np.concatenate([c[k] for c in cols]) for k in range(6))
     seg = np.repeat(np.arange(len(cols)), lens)
     as_of = np.array([requests[i].as_of.seconds for i in index], dtype=np.int64)
     same_next = np.zeros(len(seg), dtype=bool)
     same_next[:-1] = seg[1:] == seg[:-1]
-    bad = _bad_events(*cat, as_of[seg], same_next)
+    bad = _bad_events(ts, types, amt, mcc, dpd, inst, as_of[seg], same_next)
     for j in np.unique(seg[bad]):
         r = index[j]
         try:
@@ -271,7 +272,8 @@ def _drop_bad_events(requests, index, cols, errors) -> np.ndarray:
 def _check_events(c: tuple[np.ndarray, ...], as_of: int) -> None:
     """The per-event rules, in order, for one request; raises InvalidRequest naming the first bad field."""
     ts, types, amt, mcc, dpd, inst = c
-    _first_bad("history.type", (types < 0) | (types >= len(_VALID_TYPE)) | ~_VALID_TYPE[np.clip(types, 0, len(_VALID_TYPE) - 1)],
+    _first_bad("history.type",
+               (types < 0) | (types >= len(_VALID_TYPE)) | ~_VALID_TYPE[np.clip(types, 0, len(_VALID_TYPE) - 1)],
                types, "unknown or unspecified event type")
     _first_bad("history.timestamp_unix_s", ts <= 0, ts, "must be a positive Unix time")
     _first_bad("history.timestamp_unix_s", ts > as_of, ts, f"is after as_of ({as_of})")
@@ -284,7 +286,8 @@ def _check_events(c: tuple[np.ndarray, ...], as_of: int) -> None:
     _first_bad("history.amount_minor", (amt < 0) | (amt > MAX_AMOUNT_MINOR), amt,
                f"must be in [0, {MAX_AMOUNT_MINOR}] (the event type gives the direction)")
     _first_bad("history.mcc", (mcc < 0) | (mcc > 9999), mcc, "must be in 0..9999")
-    _first_bad("history.days_past_due", (dpd < 0) | (dpd > MAX_DAYS_PAST_DUE), dpd, f"must be in 0..{MAX_DAYS_PAST_DUE}")
+    _first_bad("history.days_past_due", (dpd < 0) | (dpd > MAX_DAYS_PAST_DUE), dpd,
+               f"must be in 0..{MAX_DAYS_PAST_DUE}")
     _first_bad("history.installment_index", (inst < 0) | (inst > MAX_INSTALLMENT_INDEX), inst,
                f"must be in 0..{MAX_INSTALLMENT_INDEX}")
 

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from uwrt.runtime.errors import InvalidRequest
 from uwrt.runtime.featurize import FeatureBatch, Limits, featurize
 from uwrt.runtime.pb import pb
 from uwrt.runtime.policy import ADVERSE, counteroffer_amount, outcome_for, score_for, top_reasons
-from uwrt.runtime.trees.base import TreeExplainer, TreeStage, load_booster
+from uwrt.runtime.trees.base import Explainer, TreeExplainer, TreeStage, load_booster
 from uwrt.runtime.trees.build import build_trees
 
 log = logging.getLogger("uwrt.pipeline")
@@ -65,20 +66,26 @@ class Pipeline:
             cfg = config or RuntimeConfig()
             if encoder_backend is not None and encoder_backend != cfg.encoder_backend:
                 if encoder_backend not in ENCODER_BACKENDS:
-                    raise ValueError(f"unknown encoder backend {encoder_backend!r}; choose one of {sorted(ENCODER_BACKENDS)}")
+                    raise ValueError(f"unknown encoder backend {encoder_backend!r}; "
+                                     f"choose one of {sorted(ENCODER_BACKENDS)}")
                 cfg = dataclasses.replace(cfg, encoder_backend=encoder_backend)
             encoder = build_encoder(bundle, cfg)
         self.encoder = encoder
+        self.trees: TreeStage
+        self.explainer: Explainer
+        self.tree_report: dict[str, Any]
         if trees is None:
             self.trees, self.explainer, self.tree_report = build_trees(bundle, config or RuntimeConfig(),
                                                                        tree_threads=tree_threads)
         else:
-            booster = load_booster(bundle.tree_model_bytes(), nthread=tree_threads)  # bytes verified against the manifest
+            # bytes verified against the manifest
+            booster = load_booster(bundle.tree_model_bytes(), nthread=tree_threads)
             self.trees, self.explainer, self.tree_report = trees, TreeExplainer(booster), {"reasons": "xgboost"}
         self.identity = bundle.identity()
         self.reason_codes = self.schema.reason_codes
         if self.trees.num_features != len(self.schema.features):
-            raise ValueError(f"tree stage expects {self.trees.num_features} features, schema has {len(self.schema.features)}")
+            raise ValueError(f"tree stage expects {self.trees.num_features} features, "
+                             f"schema has {len(self.schema.features)}")
 
     @classmethod
     def from_dir(cls, path, **kw) -> Pipeline:
@@ -153,7 +160,7 @@ class Pipeline:
             responses = self._respond(requests, batch, rows, margin)
             times.policy_us = _us(t0)
             total_us = _us(t_start)
-            for r, resp in zip(batch.index, responses):
+            for r, resp in zip(batch.index, responses, strict=True):
                 tm = resp.timing
                 tm.featurize_us, tm.encode_us, tm.trees_us = times.featurize_us, times.encode_us, times.trees_us
                 tm.policy_us, tm.total_us = times.policy_us, total_us
@@ -165,7 +172,6 @@ class Pipeline:
         pd = sigmoid(margin)
         outcomes = [outcome_for(float(p), self.policy) for p in pd]
         adverse = [j for j, o in enumerate(outcomes) if o in ADVERSE]
-        contribs = self.explainer.contributions(rows[adverse]) if adverse else None
         out = []
         for j, r in enumerate(batch.index):
             resp = pb.DecisionResponse(
@@ -176,8 +182,10 @@ class Pipeline:
             if outcomes[j] == pb.COUNTEROFFER:
                 resp.counteroffer_amount_minor = counteroffer_amount(requests[r].purchase.amount_minor, self.policy)
             out.append(resp)
-        for k, j in enumerate(adverse):
-            out[j].reasons.extend(top_reasons(contribs[k, :-1], self.reason_codes, self.policy))
+        if adverse:
+            contribs = self.explainer.contributions(rows[adverse])
+            for k, j in enumerate(adverse):
+                out[j].reasons.extend(top_reasons(contribs[k, :-1], self.reason_codes, self.policy))
         return out
 
 

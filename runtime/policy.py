@@ -12,7 +12,7 @@ from uwrt.runtime.bundle.schema import Policy
 from uwrt.runtime.pb import pb
 
 
-def outcome_for(pd: float, policy: Policy) -> int:
+def outcome_for(pd: float, policy: Policy) -> pb.Outcome:
     """The pb.Outcome for a probability of default under the policy's thresholds."""
     if pd <= policy.approve_max_pd:
         return pb.APPROVE
@@ -39,7 +39,7 @@ def counteroffer_amount(amount_minor: int, policy: Policy) -> int:
 def group_contributions(contribs: np.ndarray, reason_codes: list[str]) -> dict[str, float]:
     """Sum per-feature TreeSHAP contributions [F] (bias column excluded) by reason code."""
     out: dict[str, float] = {}
-    for c, code in zip(contribs, reason_codes):
+    for c, code in zip(contribs, reason_codes, strict=True):
         out[code] = out.get(code, 0.0) + float(c)
     return out
 

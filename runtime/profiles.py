@@ -95,7 +95,8 @@ def cuda_usable() -> tuple[bool, str]:
         ok = float((x @ x).sum().item()) == 64.0 ** 3   # .item() syncs: any launch error surfaces here
         if not ok:
             return False, "a test matmul on the GPU returned a wrong result"
-        return True, f"CUDA usable: {torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+        return True, (f"CUDA usable: {torch.cuda.get_device_name(0)} "
+                      f"(torch {torch.__version__}, CUDA {torch.version.cuda})")
     except Exception as e:  # noqa: BLE001 - any CUDA failure means "not usable", with its reason
         return False, f"CUDA initialisation failed: {type(e).__name__}: {e}"
 

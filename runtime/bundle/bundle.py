@@ -30,7 +30,7 @@ import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as _st_load
@@ -64,7 +64,7 @@ _REQUIRED_KEYS = {"format": str, "format_version": int, "bundle_id": str, "creat
                   "created_by": str, "components": dict, "feature_schema": dict,
                   "encoder_config": dict, "policy": dict, "files": dict, "bundle_digest": str}
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def _check_compat(schema: FeatureSchema, cfg: EncoderConfig, state: Mapping[str,
     if names is not None and list(names) != schema.names:
         raise BundleError(f"{TREES_FILE}: tree model feature names differ from feature_schema "
                           f"{schema.version!r} (first mismatch at column "
-                          f"{next(i for i, (a, b) in enumerate(zip(names, schema.names)) if a != b)})")
+                          f"{next(i for i, (a, b) in enumerate(zip(names, schema.names, strict=True)) if a != b)})")
     objective = _objective(booster)
     if objective != OBJECTIVE:
         raise BundleError(f"{TREES_FILE}: tree model objective is {objective!r}, expected {OBJECTIVE!r}")

@@ -60,7 +60,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
                 results.append((resp.request_id, resp, ""))
     else:
         futures = []
-        for i, r in enumerate(reqs):
+        for r in reqs:
             futures.append((r.request_id, stub.Decide.future(r, timeout=timeout)))
             if len(futures) - len(results) >= args.concurrency:
                 _collect(futures, results, upto=len(futures) - args.concurrency + 1)

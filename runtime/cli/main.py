@@ -132,7 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"error: the {cfg.profile} profile's encoder ({cfg.encoder_backend} on {cfg.encoder_device}) "
                   f"cannot start: {why}", file=sys.stderr)
             return 3
-        logging.getLogger("uwrt.profiles").error("auto: the GPU encoder cannot start (%s); serving the cpu profile", why)
+        logging.getLogger("uwrt.profiles").error("auto: the GPU encoder cannot start (%s); serving the cpu profile",
+                                                 why)
         resolved = load_config(getattr(args, "config", None), **{**over, "profile": "cpu"})
         cfg, reason = resolved.config, f"auto: GPU usable but its encoder failed to start ({why}); cpu profile"
         pipe = build_pipeline(cfg, bundle)

@@ -16,6 +16,10 @@ class EncoderBackend(Protocol):
     `encode` maps a PackedEvents batch to float32 embeddings [B, emb_dim]. Implementations
     document their own thread safety; the pipeline calls one backend from one worker thread.
     """
-    name: str
+
+    @property
+    def name(self) -> str:
+        """The backend's name for logs and GetModelInfo (a wrapper may compute it)."""
+        ...
 
     def encode(self, events: PackedEvents) -> np.ndarray: ...

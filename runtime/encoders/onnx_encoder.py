@@ -16,8 +16,8 @@ T and B (and every Bk, n_L) are dynamic axes; a bucket no segment falls into is 
 (Bk = 0). The host plans the buckets (`uwrt.kernels.reference.bucket_plan`) as the other backends
 do, so a segment's attention never depends on its neighbours. Attention per bucket is either
 ORT's fused `com.microsoft.MultiHeadAttention` with a key padding mask ("mha", the default:
-fastest measured, bench/encoder_cpu_bench.py) or standard MatMul + Softmax + MatMul ("matmul"). Every linear layer pads its
-input to at least MIN_GEMM_ROWS rows inside the graph (batch invariance, as in
+fastest measured, bench/encoder_cpu_bench.py) or standard MatMul + Softmax + MatMul ("matmul").
+Every linear layer pads its input to at least MIN_GEMM_ROWS rows inside the graph (batch invariance, as in
 runtime/encoders/torch_encoder.py); GELU is the exact erf form, LayerNorm the ONNX LayerNormalization op.
 
 Export cache: the .onnx file lives in the bundle's reserved `cache/onnx/` directory (or, when
@@ -133,7 +133,8 @@ def export_onnx(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], *, attent
         zshape = g.op("Concat", [pad, g.const(i64(wt.shape[0]))], axis=0)
         zeros = g.op("ConstantOfShape", [zshape], value=oh.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))
         xp = g.op("Concat", [x, zeros], axis=0)
-        y = g.op("Add", [g.op("MatMul", [xp, g.const(wt, prefix + ".wT")]), g.const(w[prefix + ".bias"], prefix + ".b")])
+        y = g.op("Add", [g.op("MatMul", [xp, g.const(wt, prefix + ".wT")]),
+                         g.const(w[prefix + ".bias"], prefix + ".b")])
         return g.op("Slice", [y, zero, m, zero])
 
     def ln(x: str, prefix: str) -> str:

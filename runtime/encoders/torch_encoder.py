@@ -26,7 +26,8 @@ log = logging.getLogger("uwrt.encoder")
 #: CPU GEMM kernels take different code paths (and round differently) for a handful of row
 #: counts below this (measured: 1-3, 5-7, 9-11 rows differ from the same rows inside a larger
 #: matrix). Padding every linear layer's input to at least this many rows makes a request's
-#: result independent of how many other requests share its batch. tests/runtime/encoders/test_torch_encoder.py checks it.
+#: result independent of how many other requests share its batch.
+#: tests/runtime/encoders/test_torch_encoder.py checks it.
 MIN_GEMM_ROWS = 16
 
 
@@ -39,7 +40,10 @@ def linear_rows(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return layer(torch.cat([x, pad]))[:m]
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayerParams(nn.Module):
+    """One pre-LN block's parameters (the names bundle weights use), without a forward: the eager
+    `EncoderLayer` and the TorchScript backend's layer add forwards with different signatures."""
+
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         d = cfg.d_model
@@ -51,17 +55,23 @@ class EncoderLayer(nn.Module):
         self.fc1 = nn.Linear(d, cfg.d_ff)
         self.fc2 = nn.Linear(cfg.d_ff, d)
 
+
+class EncoderLayer(EncoderLayerParams):
+    """One pre-LN block in eager torch (ragged attention from the host `cu_seqlens`)."""
+
     def forward(self, x: torch.Tensor, cu_seqlens: np.ndarray) -> torch.Tensor:
         # x: [T, d]
         T = x.shape[0]
-        q, k, v = linear_rows(self.ln1(x), self.qkv).view(T, 3, self.n_heads, self.head_dim).unbind(1)  # each [T, H, Dh]
+        # q, k, v: each [T, H, Dh]
+        q, k, v = linear_rows(self.ln1(x), self.qkv).view(T, 3, self.n_heads, self.head_dim).unbind(1)
         a = varlen_attention(q, k, v, cu_seqlens).reshape(T, -1)
         x = x + linear_rows(a, self.out)
         return x + linear_rows(F.gelu(linear_rows(self.ln2(x), self.fc1)), self.fc2)
 
 
-class SequenceEncoder(nn.Module):
-    """Packed events -> (embedding [B, emb_dim], hidden states [T, d_model])."""
+class SequenceEncoderParams(nn.Module):
+    """The encoder's parameters (the names bundle weights use), without a forward: `SequenceEncoder`
+    is the eager model; the TorchScript backend's module adds a forward with another signature."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -77,6 +87,10 @@ class SequenceEncoder(nn.Module):
     @property
     def mask_type_id(self) -> int:
         return self.cfg.n_event_types
+
+
+class SequenceEncoder(SequenceEncoderParams):
+    """Packed events -> (embedding [B, emb_dim], hidden states [T, d_model])."""
 
     def forward(self, type_ids: torch.Tensor, mcc_ids: torch.Tensor, numeric: torch.Tensor,
                 cu_seqlens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,14 +21,15 @@ from torch import nn
 
 from uwrt.kernels.reference import bucket_plan
 from uwrt.runtime.bundle.schema import EncoderConfig, check_state_dict
-from uwrt.runtime.encoders.torch_encoder import MIN_GEMM_ROWS, EncoderLayer, SequenceEncoder
+from uwrt.runtime.encoders.torch_encoder import MIN_GEMM_ROWS, EncoderLayerParams, SequenceEncoderParams
 from uwrt.runtime.featurize import PackedEvents
 
 assert MIN_GEMM_ROWS == 16, "update the literal in _lin"
 
 
 def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """F.linear with rows padded to MIN_GEMM_ROWS (16) (batch invariance; see uwrt.runtime.encoders.torch_encoder.linear_rows)."""
+    """F.linear with rows padded to MIN_GEMM_ROWS (16) (batch invariance; see
+    uwrt.runtime.encoders.torch_encoder.linear_rows)."""
     m = x.shape[0]
     if m >= 16:
         return F.linear(x, w, b)
@@ -36,7 +37,7 @@ def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.linear(torch.cat([x, pad]), w, b)[:m]
 
 
-class _Layer(EncoderLayer):
+class _Layer(EncoderLayerParams):
     """EncoderLayer's parameters; a forward TorchScript compiles (attention planned on the host)."""
 
     def forward(self, x: torch.Tensor, idx: list[torch.Tensor], mask: list[torch.Tensor],
@@ -58,7 +59,7 @@ class _Layer(EncoderLayer):
         return x + _lin(F.gelu(_lin(self.ln2(x), self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 
 
-class ScriptableEncoder(SequenceEncoder):
+class ScriptableEncoder(SequenceEncoderParams):
     """`SequenceEncoder`'s parameters (same names, so bundle weights load as is) with a forward
     that returns the embedding only, in a form TorchScript compiles."""
     __jit_unused_properties__ = ["mask_type_id"]
@@ -81,11 +82,19 @@ class ScriptableEncoder(SequenceEncoder):
         return _lin(pooled, self.pool.weight, self.pool.bias)
 
 
-def attention_plan(cu_seqlens: np.ndarray) -> tuple[list[torch.Tensor], ...]:
+#: idx, mask, valid, dest (one tensor per length bucket), then seg [T], lens [B, 1], starts [B]
+AttentionPlan = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
+                      torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def attention_plan(cu_seqlens: np.ndarray) -> AttentionPlan:
     """Host-side plan of the ragged attention and pooling (same buckets as uwrt.kernels.reference)."""
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     starts, lens = cu[:-1], np.diff(cu)
-    idx, mask, valid, dest = [], [], [], []
+    idx: list[torch.Tensor] = []
+    mask: list[torch.Tensor] = []
+    valid: list[torch.Tensor] = []
+    dest: list[torch.Tensor] = []
     for gather, ok in bucket_plan(cu):
         idx.append(torch.from_numpy(gather))
         mask.append(torch.from_numpy(ok)[:, None, None, :])

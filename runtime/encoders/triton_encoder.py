@@ -136,7 +136,7 @@ class TritonEncoderBackend:
                 self.cuda_graphs = False
         self.graphs_disabled = bool(cuda_graphs) and dev.type == "cuda" and not self.cuda_graphs
         self._static: dict[tuple[int, int], _Static] = {}
-        self._pool = None
+        self._pool: torch.cuda._POOL_HANDLE | None = None   # one CUDA graph memory pool, made at first capture
         self.counters = {"encode": 0, "graph_replays": 0, "eager_runs": 0, "captures": 0, "chunks": 0,
                          "no_graph_shape": 0}
 
@@ -289,6 +289,7 @@ class TritonEncoderBackend:
         cu_host = self._stage(st, ev)
         self._upload(st)
         if st.graph is not None:
+            assert st.out is not None  # _capture sets the graph's output tensor with the graph
             st.graph.replay()
             st.replays += 1
             self.counters["graph_replays"] += 1
@@ -316,6 +317,7 @@ class TritonEncoderBackend:
             return np.concatenate([self.encode(events.select(np.arange(i, min(i + maxb, B))))
                                    for i in range(0, B, maxb)])
         Bb = _bucket(B, self.batch_buckets)
+        assert Bb is not None  # B <= the largest batch bucket (larger batches are chunked above)
         T = events.n_tokens
         Tb = _bucket(T, self.token_buckets)
         if Tb is None:
@@ -330,5 +332,5 @@ class TritonEncoderBackend:
 
     def stats(self) -> dict:
         """Backend counters plus uwrt.kernels.dispatch counters (fallbacks included)."""
-        return {**self.counters, "graphs_disabled": self.graphs_disabled, "graphs": sum(s.graph is not None for s in self._static.values()),
-                "dispatch": K.stats()}
+        return {**self.counters, "graphs_disabled": self.graphs_disabled,
+                "graphs": sum(s.graph is not None for s in self._static.values()), "dispatch": K.stats()}

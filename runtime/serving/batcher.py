@@ -292,7 +292,7 @@ class Batcher:
                 _settle(e.future, exc=exc)
         else:
             self.cost.observe(n, tokens, self.clock.now_us() - t0)
-            for e, r in zip(entries, results):
+            for e, r in zip(entries, results, strict=True):
                 _settle(e.future, result=r)
         finally:
             self._inflight = None

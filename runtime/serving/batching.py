@@ -154,10 +154,10 @@ def _nnls3(a: list[list[float]], b: list[float], fallback: tuple[float, float, f
         sol = _solve([[a[i][j] for j in free] for i in free], [b[i] for i in free])
         if sol is None or min(sol) < 0:
             continue
-        val = -sum(b[i] * v for i, v in zip(free, sol))   # objective value at the restricted optimum
+        val = -sum(b[i] * v for i, v in zip(free, sol, strict=True))   # objective value at the restricted optimum
         if val < best_val:
             theta = [0.0, 0.0, 0.0]
-            for i, v in zip(free, sol):
+            for i, v in zip(free, sol, strict=True):
                 theta[i] = v
             best, best_val = (theta[0], theta[1], theta[2]), val
         if len(free) == 3:

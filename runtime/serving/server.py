@@ -21,7 +21,7 @@ import concurrent.futures
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -133,12 +133,12 @@ class ServingRuntime:
                                            counteroffer_max_pd=p.counteroffer_max_pd, review_max_pd=p.review_max_pd,
                                            counteroffer_amount_ratio=p.counteroffer_amount_ratio))
         info.settings.update(self.cfg.flat())
-        for k, v in self.batcher.stats().items():
-            info.settings[f"stats.{k}"] = str(v)
-        for k, v in self.pipeline.encoder_stats().items():
-            info.settings[f"encoder.{k}"] = str(v)
-        for k, v in self.pipeline.tree_stats().items():
-            info.settings[f"trees.{k}"] = str(v)
+        sections: tuple[tuple[str, Mapping[str, object]], ...] = (
+            ("stats", self.batcher.stats()), ("encoder", self.pipeline.encoder_stats()),
+            ("trees", self.pipeline.tree_stats()))
+        for prefix, stats in sections:
+            for k, v in stats.items():
+                info.settings[f"{prefix}.{k}"] = str(v)
         if self.profile_reason:
             info.settings["profile.reason"] = self.profile_reason
         return info
@@ -160,6 +160,7 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         except Exception as e:  # noqa: BLE001 - every error becomes a status, never a crash
             code, msg = _status_of(e)
             await context.abort(code, msg)
+            raise AssertionError("unreachable: ServicerContext.abort raises") from e
 
     async def DecideStream(self, request_iterator: AsyncIterator[pb.DecisionRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecisionResponse]:

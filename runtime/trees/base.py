@@ -28,6 +28,13 @@ class TreeStage(Protocol):
     def predict_margin(self, rows: np.ndarray) -> np.ndarray: ...
 
 
+class Explainer(Protocol):
+    """Exact TreeSHAP contributions [B, F + 1] for rows [B, F] (last column: the bias); each row
+    sums to the margin. `TreeExplainer`, `FallbackExplainer` and the compiled NativeExplainer."""
+
+    def contributions(self, rows: np.ndarray) -> np.ndarray: ...
+
+
 def load_booster(model: str | pathlib.Path | bytes | bytearray, *, nthread: int = 1) -> xgb.Booster:
     """A Booster from a model file or its (already verified) bytes, with an explicit thread count."""
     try:
@@ -89,7 +96,7 @@ class FallbackExplainer:
     counted, never a lost reason. Thread safety: as the wrapped explainers; counters are plain
     ints updated from the one pipeline worker."""
 
-    def __init__(self, primary, fallback, *, name: str = "native") -> None:
+    def __init__(self, primary: Explainer, fallback: Explainer, *, name: str = "native") -> None:
         self.primary, self.fallback, self.name = primary, fallback, name
         self.fallbacks = 0
 

@@ -4,10 +4,10 @@ explainer, report). Thread safety: call at load time, from one thread.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from uwrt.runtime.config import RuntimeConfig
-from uwrt.runtime.trees.base import FallbackExplainer, TreeExplainer, load_booster
+from uwrt.runtime.trees.base import Explainer, FallbackExplainer, TreeExplainer, TreeStage, load_booster
 
 if TYPE_CHECKING:
     from uwrt.runtime.bundle.bundle import Bundle
@@ -20,7 +20,8 @@ TREE_PATHS = {"auto": ("native", "xgboost"), "routed": ("native", "tl2cgen", "xg
               "native": ("native",), "tl2cgen": ("tl2cgen",), "xgboost": ("xgboost",), "onnx": ("onnx",)}
 
 
-def build_trees(bundle: Bundle, cfg: RuntimeConfig, *, tree_threads: int | None = None):
+def build_trees(bundle: Bundle, cfg: RuntimeConfig, *, tree_threads: int | None = None
+                ) -> tuple[TreeStage, Explainer, dict[str, Any]]:
     """(tree stage, explainer, report) as configured by tree_path / tree_cache_dir / reasons_path.
 
     Several paths -> a RoutedTreeStage (uncalibrated: preference order until `calibrate`, which
@@ -38,7 +39,8 @@ def build_trees(bundle: Bundle, cfg: RuntimeConfig, *, tree_threads: int | None 
                                      calibrate=False)
     booster = load_booster(bundle.tree_model_bytes(), nthread=threads)
     xgb_explainer = TreeExplainer(booster)
-    explainer, report["reasons"] = xgb_explainer, "xgboost"
+    explainer: Explainer = xgb_explainer
+    report["reasons"] = "xgboost"
     if cfg.reasons_path == "native":
         native = report.pop("native_explainer", None)
         if native is None:
@@ -50,7 +52,8 @@ def build_trees(bundle: Bundle, cfg: RuntimeConfig, *, tree_threads: int | None 
                             type(e).__name__, e)
                 report["reasons_error"] = f"{type(e).__name__}: {e}"
         if native is not None:
-            explainer, report["reasons"] = FallbackExplainer(native, xgb_explainer), "native"
+            explainer = FallbackExplainer(native, xgb_explainer)
+            report["reasons"] = "native"
     report.pop("native_explainer", None)
     return stage, explainer, report
 

@@ -54,7 +54,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 __all__ = ["CACHE_FORMAT", "DEFAULT_CFLAGS", "CachedLibrary", "NativeBuildError",
            "build_shared_library", "default_cache_dirs", "cache_stats", "reset_cache_stats",
@@ -69,7 +68,7 @@ PROGRESS_EVERY_S = 10.0
 _META = "meta.json"
 
 Sources = Mapping[str, str | bytes]
-SourceArg = Union[Sources, Callable[[], Sources]]
+SourceArg = Sources | Callable[[], Sources]
 Progress = Callable[[str], None]
 
 _stats_lock = threading.Lock()
@@ -259,7 +258,8 @@ class _KeyLock:
     """Exclusive flock on <cache_dir>/.<name>-<key>.lock (no-op where flock is unavailable)."""
 
     def __init__(self, path: pathlib.Path) -> None:
-        self.path, self.fd = path, None
+        self.path = path
+        self.fd: int | None = None
 
     def __enter__(self) -> _KeyLock:
         try:
@@ -324,7 +324,7 @@ def _build(cache_dir: pathlib.Path, name: str, key: str, key_parts: Mapping[str,
         progress(f"compiling {name}: {len(units)} unit(s), {nbytes / 1e6:.1f} MB of C, {jobs} job(s)")
         t0 = time.monotonic()
         objs = [f"{u[:-2]}.o" for u in sorted(units)]
-        _run_jobs([[cc_path, *cflags, "-c", u, "-o", o] for u, o in zip(sorted(units), objs)],
+        _run_jobs([[cc_path, *cflags, "-c", u, "-o", o] for u, o in zip(sorted(units), objs, strict=True)],
                   src, jobs, progress, f"compiling {name}")
         out_tmp = (tmp / "lib.so").absolute()
         _run_jobs([[cc_path, "-shared", *cflags, "-o", str(out_tmp), *objs, *ldflags]], src, 1, progress,
@@ -375,7 +375,8 @@ def build_shared_library(name: str, c_sources: SourceArg, key_parts: Mapping[str
     cc_path, cc_version = _compiler_identity(cc or os.environ.get("CC", "cc"))
     sources: Sources | None = None if callable(c_sources) else dict(c_sources)
     if sources is None and not key_parts:
-        raise ValueError("with a source callable, key_parts must identify the sources (model digest, generator version)")
+        raise ValueError("with a source callable, key_parts must identify the sources "
+                         "(model digest, generator version)")
     key = _cache_key(name, key_parts, None if sources is None else _sources_digest(sources), cc_path,
                      cc_version, cflags, ldflags)
     dirs = [pathlib.Path(d).absolute() for d in cache_dirs]  # gcc runs in a temp cwd

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 
 from uwrt.runtime.trees.base import check_rows
-from uwrt.runtime.trees.tl2cgen import CompiledLibrary, to_treelite
+from uwrt.runtime.trees.tl2cgen import CompiledLibrary, TreeCompileError, to_treelite
 
 __all__ = ["TL2cgenPredictorStage", "GTILStage", "ONNXTreeStage", "ONNX_OPSET"]
 

@@ -19,8 +19,8 @@ GetModelInfo.
 
 Thread safety: `predict_margin` may be called from several threads if every inner stage may
 (the compiled paths and xgboost may; tl2cgen_predictor serialises itself); failure/fallback
-counters are lock-protected (per-stage call counts are not: see `stats`); `calibrate` swaps the routing table atomically but should run at warm-up,
-before traffic.
+counters are lock-protected (per-stage call counts are not: see `stats`); `calibrate` swaps the
+routing table atomically but should run at warm-up, before traffic.
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ class RoutedTreeStage:
             raise ValueError(f"stage names must be unique, got {names}")
         nf = {s.num_features for s in stages}
         if len(nf) != 1:
-            raise ValueError(f"stages disagree on num_features: {dict(zip(names, (s.num_features for s in stages)))}")
+            per_stage = dict(zip(names, (s.num_features for s in stages), strict=True))
+            raise ValueError(f"stages disagree on num_features: {per_stage}")
         self.num_features = nf.pop()
         self.stages = list(stages)
         self.reference = reference if reference in names else None
@@ -114,7 +115,7 @@ class RoutedTreeStage:
         table = []
         for b in sizes:
             x = rows_sample[np.arange(b) % len(rows_sample)]
-            samples = {s.name: [] for s in live}
+            samples: dict[str, list[int]] = {s.name: [] for s in live}
             for s in live:
                 for _ in range(warmup):
                     s.predict_margin(x)
@@ -177,7 +178,7 @@ class RoutedTreeStage:
 
     def crossovers(self) -> list[dict]:
         """Compressed table: [{"from_batch": b, "path": name}, ...] in increasing b."""
-        out = []
+        out: list[dict] = []
         for row in self._table:
             if not out or out[-1]["path"] != row["best"]:
                 out.append({"from_batch": row["batch"], "path": row["best"]})
@@ -212,7 +213,8 @@ class RoutedTreeStage:
 
     def _fallback(self, rows: np.ndarray, route: tuple, first, err: Exception) -> np.ndarray:
         if not isinstance(rows, np.ndarray) or rows.ndim != 2 or rows.shape[1] != self.num_features:
-            raise ValueError(f"expected rows [B, {self.num_features}], got {getattr(rows, 'shape', type(rows))}") from err
+            got = getattr(rows, "shape", type(rows))
+            raise ValueError(f"expected rows [B, {self.num_features}], got {got}") from err
         n = rows.shape[0]
         self._failed(first.name, err, n)
         last = err

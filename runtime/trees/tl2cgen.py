@@ -251,7 +251,7 @@ def _split_thresholds(booster) -> dict[int, np.ndarray]:
     per: dict[int, list] = {}
     for tree in model["learner"]["gradient_booster"]["model"]["trees"]:
         left = tree["left_children"]
-        for i, (f, c) in enumerate(zip(tree["split_indices"], tree["split_conditions"])):
+        for i, (f, c) in enumerate(zip(tree["split_indices"], tree["split_conditions"], strict=True)):
             if left[i] != -1:
                 per.setdefault(int(f), []).append(c)
     return {f: np.unique(np.asarray(v, np.float32)) for f, v in per.items()}

@@ -27,7 +27,7 @@ def _ser(reqs):
 
 def _rows(req):
     h = req.history
-    return list(zip(h.type, h.amount_minor, h.mcc, h.days_past_due, h.installment_index))
+    return list(zip(h.type, h.amount_minor, h.mcc, h.days_past_due, h.installment_index, strict=True))
 
 
 def test_deterministic_and_prefix_stable():
@@ -37,7 +37,7 @@ def test_deterministic_and_prefix_stable():
     assert np.array_equal(a.default, b.default) and np.array_equal(a.dpd30_90, b.dpd30_90)
     assert np.array_equal(a.as_of_unix_s, b.as_of_unix_s)
     c = synth.generate(300, 4)
-    assert sum(x != y for x, y in zip(_ser(a.requests), _ser(c.requests))) == 300
+    assert sum(x != y for x, y in zip(_ser(a.requests), _ser(c.requests), strict=True)) == 300
     # a smaller n is a prefix: one request id never names two different bodies
     p = synth.generate(40, 3)
     assert _ser(p.requests) == _ser(a.requests[:40])
@@ -59,7 +59,7 @@ def test_dataset_types_and_ids(big):
 def test_every_request_valid(big):
     valid_types = set(EVENT_TYPE_IDS)
     specs = {f.name: f for f in synth.APPLICANT_FEATURES}
-    for req, as_of in zip(big.requests, big.as_of_unix_s):
+    for req, as_of in zip(big.requests, big.as_of_unix_s, strict=True):
         assert req.as_of.seconds == as_of
         assert synth.AS_OF_START <= as_of < synth.AS_OF_START + synth.AS_OF_SPAN_S
         h = req.history
@@ -72,7 +72,7 @@ def test_every_request_valid(big):
         assert min(h.amount_minor) >= 0 and min(h.days_past_due) >= 0
         assert all(0 <= m <= 9999 for m in h.mcc)
         assert all(0 <= k <= 4 for k in h.installment_index)
-        for t, d in zip(h.type, h.days_past_due):
+        for t, d in zip(h.type, h.days_past_due, strict=True):
             if t == pb.PAID_LATE:
                 assert d > 0
             elif t in (pb.PAID_ON_TIME, pb.ORIGINATION, pb.INSTALLMENT_DUE):

@@ -46,7 +46,7 @@ def rel_err(out, ref):
 
 def check(got, qkv, cu, p, H, Dh, dtype):
     ref = attn_block_reference(qkv, p["x"], cu, p["w_out"], p["b_out"], p["ln_weight"], p["ln_bias"], 1e-5, H, Dh)
-    for g, r, name in zip(got, ref, ("x_new", "h")):
+    for g, r, name in zip(got, ref, ("x_new", "h"), strict=True):
         assert torch.isfinite(g).all(), name
         err = rel_err(g, r)
         assert err < TOL[dtype], f"{name}: rel. Frobenius error {err:.2e}"

@@ -202,7 +202,8 @@ def test_dispatch_auto_falls_back_logged_and_counted(rng, fresh_stats, monkeypat
 def test_dispatch_missing_op_module(rng, fresh_stats, monkeypatch, caplog):
     """An op whose Triton module is absent falls back under auto and raises under triton."""
     real = dispatch._optional_module
-    monkeypatch.setattr(dispatch, "_optional_module", lambda name: None if name == "uwrt.kernels.attention" else real(name))
+    monkeypatch.setattr(dispatch, "_optional_module",
+                        lambda name: None if name == "uwrt.kernels.attention" else real(name))
     cu = np.array([0, 3, 8], np.int32)
     qkv = t(rng.normal(size=(8, 3 * 32)))
     with caplog.at_level(logging.WARNING, logger="uwrt.kernels"):

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_committed_stubs_are_fresh():
     """Fails when proto/ changed and runtime/pb/ was not regenerated (python scripts/gen_proto.py)."""
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--check"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--check"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 

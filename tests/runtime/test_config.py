@@ -8,7 +8,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_every_knob_is_documented_in_readme_and_code():
-    for name, _, default, doc in knobs():
+    for name, _, _default, doc in knobs():
         assert f"`{name}`" in README, f"README's Configuration table lacks {name}"
         assert doc, f"{name} has no #: doc comment"
 

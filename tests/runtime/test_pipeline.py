@@ -21,7 +21,7 @@ def test_every_request_gets_a_complete_decision(pipe, traffic):
     assert all(isinstance(r, pb.DecisionResponse) for r in res)
     assert [r.request_id for r in res] == [q.request_id for q in traffic]
     outcomes = set()
-    for q, r in zip(traffic, res):
+    for q, r in zip(traffic, res, strict=True):
         assert 0.0 < r.probability_of_default < 1.0
         assert r.outcome == outcome_for(r.probability_of_default, pipe.policy)
         outcomes.add(r.outcome)
@@ -48,7 +48,7 @@ def test_batch_invariance(pipe, traffic, rng):
     for _ in range(4):
         rows = rng.permutation(len(reqs))[: int(rng.integers(2, len(reqs)))]
         got = pipe.decide([reqs[i] for i in rows])
-        for i, r in zip(rows, got):
+        for i, r in zip(rows, got, strict=True):
             a = alone[i]
             assert abs(r.probability_of_default - a.probability_of_default) <= 1e-6
             assert r.outcome == a.outcome
@@ -75,7 +75,7 @@ def test_reasons_are_exact_treeshap_top4(pipe, small_bundle, traffic):
         margin = booster.predict(xgb.DMatrix(rows[j:j + 1], missing=np.nan), output_margin=True)[0]
         assert contrib.sum() == pytest.approx(margin, abs=1e-4)       # contributions sum to the margin
         groups = {}
-        for c, code in zip(contrib[:-1], codes):
+        for c, code in zip(contrib[:-1], codes, strict=True):
             groups[code] = groups.get(code, 0.0) + float(c)
         want = sorted(((v, k) for k, v in groups.items() if v > 0), key=lambda t: (-t[0], t[1]))[:4]
         assert [x.code for x in r.reasons] == [k for _, k in want]
@@ -94,7 +94,7 @@ def test_tree_stage_equals_xgboost(pipe, small_bundle, traffic):
 
 def test_invalid_requests_are_isolated(pipe, traffic):
     reqs = [pb.DecisionRequest() for _ in range(3)]
-    for r, q in zip(reqs, traffic[:3]):
+    for r, q in zip(reqs, traffic[:3], strict=True):
         r.CopyFrom(q)
     reqs[1].history.type[0] = 99
     reqs[2].features["debt_to_income"] = float("nan")

@@ -139,7 +139,7 @@ def test_cpu_profile_each_backend_end_to_end(backend, small_bundle, traffic, mon
     pipe = build_pipeline(r.config, str(small_bundle))
     assert pipe.encoder.name == backend
     reqs = _reqs(traffic, 12, backend)
-    offline = {q.request_id: o for q, o in zip(reqs, pipe.decide(reqs))}
+    offline = {q.request_id: o for q, o in zip(reqs, pipe.decide(reqs), strict=True)}
     st, got, info = asyncio.run(_serve_and_ask(pipe, r.config, reqs, r.config.profile, r.reason))
     assert st.status == health_pb2.HealthCheckResponse.SERVING
     for g in got:
@@ -219,4 +219,5 @@ def test_gpu_encoder_that_cannot_start(small_bundle, monkeypatch, capsys, caplog
     with caplog.at_level(logging.ERROR, logger="uwrt.profiles"):
         assert main(args) == 0
     assert served["profile"] == "cpu" and served["pipe"].encoder.name == "onnx"
-    assert "encoder failed to start (ModuleNotFoundError" in served["reason"] and "GPU encoder cannot start" in caplog.text
+    assert "encoder failed to start (ModuleNotFoundError" in served["reason"]
+    assert "GPU encoder cannot start" in caplog.text

@@ -236,7 +236,8 @@ def test_unlisted_files_warn_cache_ignored(bundle, caplog):
 # ---------------------------------------------------------------------------- compatibility
 
 def test_num_features_mismatch(tmp_path, parts, bundle):
-    with pytest.raises(BundleError, match=rf"trees.ubj: tree model expects 5 features but .* lists {len(SCHEMA.features)}"):
+    with pytest.raises(BundleError,
+                       match=rf"trees.ubj: tree model expects 5 features but .* lists {len(SCHEMA.features)}"):
         _write(tmp_path / "b", parts, tree_model=_booster(5))
     assert not (tmp_path / "b").exists()
     # A hand-built bundle whose manifest is self-consistent but whose trees do not fit.

@@ -161,7 +161,7 @@ def test_server_keeps_serving_on_gpu_failure(small_bundle, traffic, caplog):
         r.CopyFrom(traffic[i])
         r.request_id = f"f-{i}"
         reqs.append(r)
-    expect = {r.request_id: o for r, o in zip(reqs, cpu_only.decide(reqs))}
+    expect = {r.request_id: o for r, o in zip(reqs, cpu_only.decide(reqs), strict=True)}
 
     async def main():
         server = Server(pipe, cfg, profile="gpu")

@@ -98,7 +98,8 @@ def test_packed_matches_reference_hypothesis(lengths, seed):
     r = np.random.default_rng(seed)
     state = random_state(CFG, seed)
     ev = random_packed(lengths, r)
-    np.testing.assert_allclose(TorchEncoderBackend(CFG, state).encode(ev), reference_f64(state, CFG, ev), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(TorchEncoderBackend(CFG, state).encode(ev), reference_f64(state, CFG, ev),
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -56,7 +56,7 @@ def test_500_concurrent_requests_match_offline_scores(pipe, traffic):
     reqs = [copy(traffic[i % len(traffic)]) for i in range(500)]
     for i, r in enumerate(reqs):
         r.request_id = f"c-{i}"
-    offline = {r.request_id: res for r, res in zip(reqs, pipe.decide(reqs))}
+    offline = {r.request_id: res for r, res in zip(reqs, pipe.decide(reqs), strict=True)}
 
     async def main():
         async with Harness(pipe) as h:
@@ -77,7 +77,7 @@ def test_500_concurrent_requests_match_offline_scores(pipe, traffic):
 def test_health_transitions(pipe):
     async def main():
         server = Server(pipe, CFG)
-        ch = grpc.aio.insecure_channel("127.0.0.1:%d" % server.port)
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         hs = health_pb2_grpc.HealthStub(ch)
         seen = []
         start = asyncio.create_task(server.start())
@@ -150,7 +150,8 @@ def test_bad_input_is_invalid_argument_and_does_not_poison_the_batch(pipe, traff
     assert field in err.details()
     offline = pipe.decide(good)
     ok = res[:10] + res[11:]
-    assert [r.probability_of_default for r in ok] == pytest.approx([o.probability_of_default for o in offline], abs=1e-6)
+    assert ([r.probability_of_default for r in ok]
+            == pytest.approx([o.probability_of_default for o in offline], abs=1e-6))
 
 
 def test_too_many_events_and_oversized_message(pipe, traffic):
@@ -207,7 +208,8 @@ def test_streaming_out_of_order_with_inband_errors(pipe, traffic):
     by_id = {r.request_id: r for r in out}
     bad = by_id[reqs[7].request_id]
     assert bad.error.code == "INVALID_ARGUMENT" and bad.error.field == "history.type[0]"
-    offline = {r.request_id: o for r, o in zip(reqs, pipe.decide(reqs)) if not isinstance(o, Exception)}
+    offline = {r.request_id: o for r, o in zip(reqs, pipe.decide(reqs), strict=True)
+               if not isinstance(o, Exception)}
     for rid, o in offline.items():
         assert by_id[rid].probability_of_default == pytest.approx(o.probability_of_default, abs=1e-6)
 
@@ -245,13 +247,15 @@ def test_shutdown_drains_accepted_requests(pipe, traffic):
             return res, late
 
     res, late = run(main())
-    assert all(isinstance(r, pb.DecisionResponse) for r in res), [r for r in res if not isinstance(r, pb.DecisionResponse)][:3]
+    not_responses = [r for r in res if not isinstance(r, pb.DecisionResponse)]
+    assert not not_responses, not_responses[:3]
     assert late == grpc.StatusCode.UNAVAILABLE
 
 
 def test_client_cancellation_removes_queued_request(pipe, traffic):
     async def main():
-        cfg = dataclasses.replace(CFG, batching=BatchingConfig(max_batch_size=1, max_wait_us=0, max_queue_delay_us=60_000_000))
+        cfg = dataclasses.replace(CFG, batching=BatchingConfig(max_batch_size=1, max_wait_us=0,
+                                                               max_queue_delay_us=60_000_000))
         async with Harness(pipe, cfg) as h:
             calls = [h.stub.Decide(copy(traffic[i]), timeout=60) for i in range(40)]
             futs = [asyncio.ensure_future(c) for c in calls]
@@ -281,7 +285,8 @@ def test_uwrt_serve_process_decide_and_sigterm(small_bundle, tmp_path, capsys):
 
     from uwrt.runtime.cli.main import main
 
-    proc = subprocess.Popen([sys.executable, "-m", "uwrt.runtime.cli", "serve", "--bundle", str(small_bundle), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "uwrt.runtime.cli", "serve", "--bundle", str(small_bundle),
+                             "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -121,6 +121,17 @@ def test_other_paths_match_xgboost(rng, model, compiled, path):
     assert stage.predict_margin(rows[:0]).shape == (0,)
 
 
+def test_onnx_conversion_failure_is_a_tree_compile_error(model, monkeypatch):
+    """A model onnxmltools cannot convert raises TreeCompileError naming the cause (not NameError)."""
+    convert = pytest.importorskip("onnxmltools.convert")
+
+    def refuse(*a, **kw):
+        raise RuntimeError("injected conversion failure")
+    monkeypatch.setattr(convert, "convert_xgboost", refuse)
+    with pytest.raises(TreeCompileError, match="injected conversion failure"):
+        ONNXTreeStage(model)
+
+
 def test_annotated_build_matches(rng, model, cache_dir):
     train = edge_rows(np.random.default_rng(5), model, 400)
     lib = compile_tl2cgen(model, [cache_dir], training_rows=train, progress=lambda m: None)

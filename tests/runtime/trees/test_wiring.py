@@ -29,7 +29,7 @@ def test_default_pipeline_routes_bit_identical_paths_with_compiled_reasons(pipe,
     assert isinstance(pipe.explainer, FallbackExplainer) and pipe.tree_stats()["reasons"] == "native"
     fast, ref = _decide(pipe, traffic, 32), _decide(xgb_pipe, traffic, 32)
     adverse = 0
-    for a, b in zip(fast, ref):
+    for a, b in zip(fast, ref, strict=True):
         assert not isinstance(a, InvalidRequest)
         # same bits: the score of a request never depends on the path its batch size chose
         assert a.probability_of_default == b.probability_of_default and a.outcome == b.outcome
@@ -41,7 +41,7 @@ def test_default_pipeline_routes_bit_identical_paths_with_compiled_reasons(pipe,
 def test_score_does_not_depend_on_batch_size_route(pipe, traffic):
     """Batch sizes 1, 3 and 64 may route to different tree paths: the PD must be identical."""
     by1, by3, by64 = (_decide(pipe, traffic[:64], n) for n in (1, 3, 64))
-    for a, b, c in zip(by1, by3, by64):
+    for a, b, c in zip(by1, by3, by64, strict=True):
         assert a.probability_of_default == b.probability_of_default == c.probability_of_default
         assert [r.code for r in a.reasons] == [r.code for r in b.reasons] == [r.code for r in c.reasons]
 
@@ -58,7 +58,7 @@ def test_calibrated_routing_is_reported(small_bundle, traffic):
 def test_forced_tree_paths_agree_with_xgboost(small_bundle, xgb_pipe, traffic, path):
     p = Pipeline.from_dir(small_bundle, config=RuntimeConfig(tree_path=path))
     assert p.trees.name == path
-    for a, b in zip(_decide(p, traffic[:100], 16), _decide(xgb_pipe, traffic[:100], 16)):
+    for a, b in zip(_decide(p, traffic[:100], 16), _decide(xgb_pipe, traffic[:100], 16), strict=True):
         assert abs(a.probability_of_default - b.probability_of_default) <= 1e-6
 
 
