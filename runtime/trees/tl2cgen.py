@@ -7,7 +7,7 @@ Steps (each a function, `compile_tl2cgen` chains them)::
     tl2cgen.annotate_branch(training rows)   optional: branch frequencies -> LIKELY/UNLIKELY hints
     tl2cgen.generate_c_code(params)          parallel_comp ~= num_trees / 30 (gcc slows sharply on
                                              huge functions); quantize off by default (below)
-    + BATCH_C                                our entry point `uwrt_predict_batch` (below)
+    + tl2cgen_batch.c                        our entry point `uwrt_predict_batch` (next to this module)
     native_cache.build_shared_library        keyed by model sha256 + generator options + compiler
 
 `uwrt_predict_batch(const float* rows, int64 n, int32 f, double* out)` loops over the rows in
@@ -57,48 +57,14 @@ __all__ = ["GENERATOR_VERSION", "PROB_TOL", "TreeCompileError", "CompiledLibrary
 
 log = logging.getLogger("uwrt.trees")
 
-#: In the cache key: bump when BATCH_C or the way sources are generated changes.
+#: In the cache key (with tl2cgen_batch.c's digest): bump when the way sources are generated changes.
 GENERATOR_VERSION = "uwrt-tl2cgen-batch-1"
 #: Max |sigmoid(compiled) - sigmoid(xgboost)| the parity gate accepts.
 PROB_TOL = 1e-6
 TREES_PER_UNIT = 30
 
-BATCH_C = r"""/* uwrt batch entry point over TL2cgen's generated predict(); see runtime/trees/tl2cgen.py */
-#include "header.h"
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-
-#if N_TARGET * MAX_N_CLASS != 1
-#error "uwrt_predict_batch supports single-output models only"
-#endif
-#define UWRT_STACK_FEATURES 1024
-
-int32_t uwrt_batch_abi(void) { return 1; }
-
-/* rows: [n_rows, n_features] float32, C order, NaN = missing (never written).
-   out: [n_rows] float64 margins. Returns 0, or -1 (feature count mismatch) / -2 (no memory). */
-int32_t uwrt_predict_batch(const float* rows, int64_t n_rows, int32_t n_features, double* out) {
-  union Entry stack[UWRT_STACK_FEATURES];
-  union Entry* buf = stack;
-  if (n_features != get_num_feature()) return -1;
-  if (n_features > UWRT_STACK_FEATURES) {
-    buf = (union Entry*)malloc(sizeof(union Entry) * (size_t)n_features);
-    if (!buf) return -2;
-  }
-  for (int64_t i = 0; i < n_rows; ++i) {
-    const float* row = rows + i * (int64_t)n_features;
-    float result[1] = {0.0f};
-    for (int32_t j = 0; j < n_features; ++j) {
-      if (isnan(row[j])) { buf[j].missing = -1; } else { buf[j].fvalue = row[j]; }
-    }
-    predict(buf, 1, result);
-    out[i] = (double)result[0];
-  }
-  if (buf != stack) free(buf);
-  return 0;
-}
-"""
+#: Our batch entry point `uwrt_predict_batch`, compiled with TL2cgen's generated sources (package data).
+BATCH_C_PATH = pathlib.Path(__file__).with_name("tl2cgen_batch.c")
 
 
 class TreeCompileError(BackendError):
@@ -160,7 +126,7 @@ def _generate(tl_model, params: dict, training_rows: np.ndarray | None, progress
         raise TreeCompileError(f"tl2cgen generated unexpected files: {sorted(sources)}")
     if "uwrt_batch.c" in sources:
         raise TreeCompileError("tl2cgen generated a file named uwrt_batch.c; rename ours")
-    sources["uwrt_batch.c"] = BATCH_C.encode()
+    sources["uwrt_batch.c"] = BATCH_C_PATH.read_bytes()
     return sources
 
 
@@ -171,7 +137,7 @@ def compile_tl2cgen(booster, cache_dirs: Iterable[str | os.PathLike], *, trainin
     """Compile (or load from cache) the booster's TL2cgen library and gate it on parity.
 
     Shortcut for: `to_treelite` -> (`tl2cgen.annotate_branch` on `training_rows`) ->
-    `tl2cgen.generate_c_code(tl2cgen_params(...))` + BATCH_C -> `build_shared_library` ->
+    `tl2cgen.generate_c_code(tl2cgen_params(...))` + tl2cgen_batch.c -> `build_shared_library` ->
     `parity_check` on `golden` (default `golden_rows(booster)`). The cache key holds the
     model digest, the training rows' digest, the params and GENERATOR_VERSION, so a hit skips
     generation and annotation entirely. Raises TreeCompileError (conversion, compile, or
@@ -188,6 +154,7 @@ def compile_tl2cgen(booster, cache_dirs: Iterable[str | os.PathLike], *, trainin
         training_rows = np.ascontiguousarray(training_rows, np.float32)
         rows_digest = hashlib.sha256(training_rows.tobytes() + str(training_rows.shape).encode()).hexdigest()
     key_parts = {"model_sha256": model_digest(booster), "generator": GENERATOR_VERSION,
+                 "batch_c_sha256": hashlib.sha256(BATCH_C_PATH.read_bytes()).hexdigest(),
                  "tl2cgen": tl2cgen.__version__, "treelite": treelite.__version__,
                  "params": json.dumps(params, sort_keys=True), "annotation_rows_sha256": rows_digest}
     try:
