@@ -164,6 +164,29 @@ class RuntimeConfig:
     score_batch_size: int = 64
     #: Seconds SIGTERM/SIGINT waits for queued and in-flight requests before exiting.
     grace_s: float = 10.0
+    #: Server processes behind the port (`uwrt serve`): "auto" or N >= 1. "auto" = one per CPU in
+    #: the process's affinity set (`os.sched_getaffinity`) with the cpu profile, 1 with the gpu
+    #: profile (one CUDA context and one set of CUDA graphs per process would compete for one
+    #: GPU; the GPU batches instead). 1 = one in-process server whose port is exclusive; N > 1 =
+    #: a supervisor process and N worker processes sharing the port through SO_REUSEPORT (README:
+    #: Serving). The kernel balances connections, not requests: clients need several channels.
+    workers: str = "auto"
+    #: Pin each worker process to its own core: "auto" (pin when workers > 1 and there are at
+    #: least as many usable cores as workers), "on" (pin, round robin when there are fewer cores
+    #: than workers) or "off". A pinned worker runs the encoder, trees and ONNX/torch with one
+    #: thread each.
+    pin_workers: str = "auto"
+    #: Seconds a worker process may take from spawn to SERVING (imports, bundle load, warm-up)
+    #: before the supervisor kills it (at start-up: start-up fails; later: a failed restart).
+    worker_start_timeout_s: float = 300.0
+    #: Delay before restarting a crashed worker; doubles with each consecutive failure of the same
+    #: worker, up to 60 s, and resets once a worker has served for 60 s.
+    restart_backoff_s: float = 1.0
+    #: Expected bundle digest (hex SHA-256, or a prefix of at least 12 hex digits, as the logs
+    #: print it). Non-empty: a bundle with another digest is refused at start-up (exit 2) and a
+    #: restarted worker that loads one is refused. Empty: the digest recorded in the bundle's
+    #: manifest.json when `uwrt serve` starts.
+    bundle_digest: str = ""
     #: Dynamic batching (see runtime/serving/batching.py).
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
@@ -187,6 +210,14 @@ class RuntimeConfig:
             raise ValueError(f"encoder_device must be 'cpu' or 'cuda[:N]', got {self.encoder_device!r}")
         if self.onnx_intra_op_threads < 0 or self.onnx_inter_op_threads < 0 or self.fallback_reprobe_s < 0:
             raise ValueError("onnx_*_threads >= 0 and fallback_reprobe_s >= 0 are required")
+        if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) >= 1):
+            raise ValueError(f"workers must be 'auto' or an integer >= 1, got {self.workers!r}")
+        if self.pin_workers not in PIN_WORKERS_CHOICES:
+            raise ValueError(f"pin_workers must be one of {', '.join(PIN_WORKERS_CHOICES)}; got {self.pin_workers!r}")
+        if self.worker_start_timeout_s <= 0 or self.restart_backoff_s < 0:
+            raise ValueError("worker_start_timeout_s > 0 and restart_backoff_s >= 0 are required")
+        if self.bundle_digest and not re.fullmatch(r"[0-9a-f]{12,64}", self.bundle_digest):
+            raise ValueError(f"bundle_digest must be 12 to 64 lowercase hex digits, got {self.bundle_digest!r}")
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -231,6 +262,16 @@ class RuntimeConfig:
             import torch
             torch.set_num_threads(self.torch_threads)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every knob as nested plain values (JSON-serialisable; `from_dict` inverts it). The
+        supervisor hands its resolved configuration to worker processes this way."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RuntimeConfig:
+        """The configuration `to_dict` wrote (no file, environment or profile is consulted)."""
+        return _build(cls, dict(values))
+
     def flat(self) -> dict[str, str]:
         """Every knob as 'name' / 'batching.name' -> value string (for GetModelInfo and logs)."""
         out = {}
@@ -246,6 +287,9 @@ PROFILE_CHOICES = ("auto", "cpu", "gpu")
 ENCODER_BACKEND_CHOICES = ("onnx", "torchscript", "torch", "triton")
 TREE_PATH_CHOICES = ("auto", "routed", "native", "tl2cgen", "xgboost", "onnx")
 REASONS_PATH_CHOICES = ("native", "xgboost")
+PIN_WORKERS_CHOICES = ("auto", "on", "off")
+#: knobs typed str that also take a TOML integer (`workers = 2`)
+_INT_AS_STR = frozenset({"workers"})
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -359,6 +403,8 @@ def _build(cls, values: dict) -> Any:
             kw[f.name] = tuple(v)
         elif t is float and isinstance(v, int):
             kw[f.name] = float(v)
+        elif f.name in _INT_AS_STR and isinstance(v, int) and not isinstance(v, bool):
+            kw[f.name] = str(v)
         else:
             if not isinstance(v, t):
                 raise ValueError(f"configuration {f.name}: expected {t.__name__}, got {v!r}")

@@ -1,8 +1,11 @@
 """`uwrt`: the command line. One subcommand per job; `uwrt <cmd> --help` documents each.
 
 Exit codes: 0 success; 1 some requests were invalid (scored the rest); 2 usage, bundle or
-input-file errors; 3 `serve --profile gpu` on a machine where CUDA is not usable or the GPU
-encoder cannot start (`--profile auto` serves the cpu profile instead, logging why).
+input-file errors (for `serve`: also a bundle whose digest is not `bundle_digest`, or a worker
+that loaded another bundle); 3 `serve --profile gpu` on a machine where CUDA is not usable or
+the GPU encoder cannot start (`--profile auto` serves the cpu profile instead, logging why);
+4 `serve`: the address is in use or cannot be bound; 5 `serve`: a worker failed to start;
+6 `serve`: a worker did not drain within the grace period at shutdown.
 """
 from __future__ import annotations
 
@@ -106,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from uwrt.runtime.profiles import ProfileUnavailable, load_config
-    from uwrt.runtime.serving.server import build_pipeline, serve
+    from uwrt.runtime.serving import ports, supervisor, workers
     over = {k[len("knob_"):]: v for k, v in vars(args).items() if k.startswith("knob_")}
     try:
         resolved = load_config(getattr(args, "config", None), **over)   # defaults < profile < file < env < flags
@@ -114,14 +117,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     cfg = resolved.config
-    print(f"profile {cfg.profile} ({resolved.reason}); encoder {cfg.encoder_backend} on {cfg.encoder_device}",
-          file=sys.stderr, flush=True)
+    plan = workers.plan_workers(cfg)
+    print(f"profile {cfg.profile} ({resolved.reason}); encoder {cfg.encoder_backend} on {cfg.encoder_device}; "
+          f"{plan.describe()}", file=sys.stderr, flush=True)
+    try:     # before anything slow: an occupied port fails at once (exit 4)
+        held = ports.reserve(cfg.host, cfg.port) if plan.count > 1 else None
+        if held is None and cfg.port:
+            ports.check_free(cfg.host, cfg.port)
+    except ports.PortUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     bundle = cfg.bundle or DEFAULT_BUNDLE
     if not cfg.bundle and not os.path.exists(os.path.join(bundle, "manifest.json")):
         from uwrt.demo.train import DemoConfig, build_demo
         print(f"no bundle given and {bundle} does not exist: building the demo bundle first (~3 min)",
               file=sys.stderr, flush=True)
         build_demo(bundle, DemoConfig.preset("full"))
+    if held is not None:     # runtime/serving/supervisor.py: N pinned worker processes on the held port
+        return supervisor.serve_workers(cfg, bundle, plan, held, profile_reason=resolved.reason,
+                                        log_level=logging.getLogger().level)
+    from uwrt.runtime.serving.server import build_pipeline, serve
+    if plan.cpus[0] is not None:     # pin_workers = "on" with one worker: this process, before its threads start
+        os.sched_setaffinity(0, {plan.cpus[0]})
+        cfg = workers.pinned_config(cfg)[0]
     try:
         pipe = build_pipeline(cfg, bundle)
     except (ImportError, RuntimeError, OSError) as e:
@@ -139,7 +157,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pipe = build_pipeline(cfg, bundle)
     else:
         reason = resolved.reason
-    return asyncio.run(serve(pipe, cfg, profile=cfg.profile, profile_reason=reason))
+    if cfg.bundle_digest and not workers.digest_matches(cfg.bundle_digest, pipe.identity.bundle_digest):
+        print(f"error: {bundle} has bundle digest {pipe.identity.bundle_digest[:12]}, but bundle_digest = "
+              f"{cfg.bundle_digest} is required", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(pipe, cfg, profile=cfg.profile, profile_reason=reason, pinned_cpu=plan.cpus[0]))
+    except ports.PortUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
 
 
 def build_parser() -> argparse.ArgumentParser:

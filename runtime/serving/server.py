@@ -11,6 +11,12 @@ has been run once; SERVING after. Reflection is on. SIGTERM/SIGINT: health goes 
 new RPCs are refused (UNAVAILABLE), queued and in-flight requests finish within `grace_s`,
 then the process exits 0.
 
+The port: `Server(..., reuse_port=False)` (one process, `workers = 1`) binds with SO_REUSEPORT
+explicitly off, so an occupied port fails with `PortUnavailable` instead of silently sharing it.
+A worker of `uwrt serve --workers N` (runtime/serving/worker_process.py) builds the server with
+`reuse_port=True, bind=False`: it warms up first and binds in `start()`, so a (re)started worker
+never receives a connection while cold; runtime/serving/supervisor.py owns the port meanwhile.
+
 Errors map to status codes in one place (`_status_of`): uwrt.runtime.errors.UwrtError subclasses
 carry their code; anything else is INTERNAL and logged with its traceback.
 """
@@ -21,7 +27,7 @@ import concurrent.futures
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,7 +39,9 @@ from uwrt.runtime.featurize import Limits
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.pipeline import Pipeline, StageTimes
 from uwrt.runtime.serving.batcher import Batcher, MonotonicClock
+from uwrt.runtime.serving.ports import PortUnavailable, format_address
 from uwrt.runtime.serving.warmup import warmup_batches
+from uwrt.runtime.serving.workers import worker_settings
 
 log = logging.getLogger("uwrt.server")
 
@@ -64,6 +72,8 @@ class ServingRuntime:
         self.batcher = Batcher(self._run_batch, cfg.batching, clock=self.clock, executor=self.executor,
                                tokens_of=self._tokens_of)
         self.batch_sizes: list[int] = []     # recent batch sizes, for tests and GetModelInfo
+        #: extra GetModelInfo settings (the worker process and the supervisor's view of all workers)
+        self.info_sources: list[Callable[[], Mapping[str, str]]] = []
 
     def _tokens_of(self, req: pb.DecisionRequest) -> int:
         return max(1, min(len(req.history.type), self.max_history))
@@ -141,11 +151,15 @@ class ServingRuntime:
                 info.settings[f"{prefix}.{k}"] = str(v)
         if self.profile_reason:
             info.settings["profile.reason"] = self.profile_reason
+        for source in self.info_sources:
+            info.settings.update(source())
         return info
 
-    async def drain(self, grace_s: float) -> None:
-        await self.batcher.drain(grace_s)
+    async def drain(self, grace_s: float) -> bool:
+        """True when every queued and running request finished within grace_s."""
+        ok = await self.batcher.drain(grace_s)
         self.executor.shutdown(wait=True)
+        return ok
 
 
 class UnderwritingService(pb_grpc.UnderwritingServicer):
@@ -212,47 +226,78 @@ class Server:
     """A running decision server. `await start()`, then `await stop()` (or run `serve()`)."""
 
     def __init__(self, pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu",
-                 profile_reason: str = "") -> None:
+                 profile_reason: str = "", reuse_port: bool = False, bind: bool = True) -> None:
+        """`reuse_port`: SO_REUSEPORT on the listener (only for the workers of one supervisor,
+        which holds the port; off otherwise, so an occupied port fails). `bind`: bind cfg.host:cfg.port
+        now (raises PortUnavailable); False = bind in start(), after the warm-up."""
         self.cfg = cfg
         self.rt = ServingRuntime(pipeline, cfg, profile=profile, profile_reason=profile_reason)
         self.health = health.aio.HealthServicer()
         opts = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES)]
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 1 if reuse_port else 0)]
         self.grpc = grpc.aio.server(options=opts)
         pb_grpc.add_UnderwritingServicer_to_server(UnderwritingService(self.rt), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if self.port == 0:
-            raise RuntimeError(f"cannot bind {cfg.host}:{cfg.port}")
+        self.port: int = 0           # the bound port; 0 until bound
+        self._warm = False
         self._stopped = asyncio.Event()
+        if bind:
+            self.bind()
+
+    def bind(self) -> int:
+        """Bind cfg.host:cfg.port (not yet listening: start() does). Raises PortUnavailable."""
+        addr = format_address(self.cfg.host, self.cfg.port)
+        why = ""
+        try:
+            self.port = self.grpc.add_insecure_port(addr)
+        except RuntimeError as e:     # grpcio >= 1.5x raises "Failed to bind to address ..."; older ones return 0
+            why = f" ({e})"
+        if not self.port:
+            raise PortUnavailable(f"cannot listen on {addr}: the address is in use or cannot be bound{why}. Stop "
+                                  f"the other server or pick another --port (0 picks a free one)")
+        return self.port
 
     async def _set_health(self, status) -> None:
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, status)
 
+    async def warm_up(self) -> None:
+        """Run every batch shape on the model thread and calibrate the batcher's cost model."""
+        t0 = time.perf_counter()
+        timings = await asyncio.get_running_loop().run_in_executor(self.rt.executor, self.rt.warm_up)
+        for n, tokens, us in timings:          # calibrate deadline predictions on this machine
+            self.rt.batcher.cost.observe(n, tokens, us)
+        self._warm = True
+        log.info("warm-up: %d batch shapes in %.1fs; cost model %r", len(timings), time.perf_counter() - t0,
+                 self.rt.batcher.cost)
+
     async def start(self, *, warm: bool = True) -> None:
-        """Start listening (NOT_SERVING), warm every shape, start the batcher, then report SERVING."""
+        """Start listening (NOT_SERVING), warm every shape, start the batcher, then report SERVING.
+        Not bound yet (bind=False): warm first, then bind and listen (raises PortUnavailable)."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        late = not self.port
+        if late and warm and not self._warm:
+            await self.warm_up()
+        if late:
+            self.bind()
         await self.grpc.start()
-        log.info("listening on %s:%d (NOT_SERVING until warm)", self.cfg.host, self.port)
-        if warm:
-            t0 = time.perf_counter()
-            timings = await asyncio.get_running_loop().run_in_executor(self.rt.executor, self.rt.warm_up)
-            for n, tokens, us in timings:          # calibrate deadline predictions on this machine
-                self.rt.batcher.cost.observe(n, tokens, us)
-            log.info("warm-up: %d batch shapes in %.1fs; cost model %r", len(timings), time.perf_counter() - t0,
-                     self.rt.batcher.cost)
+        log.info("listening on %s (%s)", format_address(self.cfg.host, self.port),
+                 "warm" if self._warm or not warm else "NOT_SERVING until warm")
+        if warm and not self._warm:
+            await self.warm_up()
         await self.rt.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING bundle %s (%s); profile %s, encoder %s, trees %s%s", self.rt.pipeline.identity.bundle_id,
                  self.rt.pipeline.identity.bundle_digest[:12], self.rt.profile, self.rt.pipeline.encoder.name,
                  self.rt.pipeline.trees.name, " (DEGRADED)" if self.rt.pipeline.degraded else "")
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Graceful: NOT_SERVING, refuse new RPCs, finish accepted ones within the grace period."""
+    async def stop(self, grace_s: float | None = None) -> bool:
+        """Graceful: NOT_SERVING, refuse new RPCs, finish accepted ones within the grace period.
+        True when all of them finished in time."""
         grace = self.cfg.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         log.info("shutting down: draining for up to %.1fs", grace)
@@ -260,18 +305,24 @@ class Server:
         # grpc refuses new RPCs with UNAVAILABLE as soon as stop() begins; the handlers already
         # running keep awaiting the batcher, which finishes every queued request.
         stop_task = asyncio.create_task(self.grpc.stop(grace))
-        await self.rt.drain(grace)
+        ok = await self.rt.drain(grace)
         await stop_task
-        log.info("stopped after %.2fs", time.monotonic() - t0)
+        log.log(logging.INFO if ok else logging.ERROR, "stopped after %.2fs%s", time.monotonic() - t0,
+                "" if ok else ": requests still queued or running after the grace period were failed")
         self._stopped.set()
+        return ok
 
     async def wait(self) -> None:
         await self._stopped.wait()
 
 
-async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu", profile_reason: str = "") -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
+async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu", profile_reason: str = "",
+                pinned_cpu: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code (0 after a clean drain, 6 when requests were
+    still queued or running when grace_s ran out). One process on an
+    exclusive port (raises PortUnavailable when it is taken); `pinned_cpu` is reported in GetModelInfo."""
     server = Server(pipeline, cfg, profile=profile, profile_reason=profile_reason)
+    server.rt.info_sources.append(lambda: worker_settings(index=0, count=1, cpu=pinned_cpu))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -279,8 +330,7 @@ async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu",
     await server.start()
     print(f"uwrt serving on {cfg.host}:{server.port}", flush=True)
     await stop.wait()
-    await server.stop()
-    return 0
+    return 0 if await server.stop() else 6
 
 
 def build_pipeline(cfg: RuntimeConfig, bundle_dir: str) -> Pipeline:
