@@ -86,7 +86,8 @@ def plan_workers(cfg: RuntimeConfig, cpus: Iterable[int] | None = None) -> Worke
 def pinned_config(cfg: RuntimeConfig) -> tuple[RuntimeConfig, list[str]]:
     """`cfg` with one thread per pool (for a worker pinned to one core) and the knobs that changed."""
     changed = [k for k in _ONE_THREAD if getattr(cfg, k) != 1]
-    return dataclasses.replace(cfg, **{k: 1 for k in _ONE_THREAD}), changed
+    return dataclasses.replace(cfg, torch_threads=1, tree_threads=1, onnx_intra_op_threads=1,
+                               onnx_inter_op_threads=1), changed
 
 
 def digest_matches(expected: str, actual: str) -> bool:

@@ -286,7 +286,7 @@ def test_uwrt_serve_process_decide_and_sigterm(small_bundle, tmp_path, capsys):
     from uwrt.runtime.cli.main import main
 
     proc = subprocess.Popen([sys.executable, "-m", "uwrt.runtime.cli", "serve", "--bundle", str(small_bundle),
-                             "--port", "0"],
+                             "--port", "0", "--workers", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -11,8 +11,14 @@ from grpc_health.v1 import health, health_pb2_grpc
 from uwrt.runtime.config import RuntimeConfig
 from uwrt.runtime.serving import ports
 from uwrt.runtime.serving.server import Server
-from uwrt.runtime.serving.workers import (digest_matches, pinned_config, plan_workers, usable_cpus, worker_settings,
-                                          write_status)
+from uwrt.runtime.serving.workers import (
+    digest_matches,
+    pinned_config,
+    plan_workers,
+    usable_cpus,
+    worker_settings,
+    write_status,
+)
 
 
 @pytest.mark.parametrize("workers,pin,device,cpus,count,cores", [
@@ -105,7 +111,7 @@ def _listener(reuseport: bool) -> socket.socket:
 def test_check_free_refuses_any_listener(reuseport):
     with _listener(reuseport) as s:
         port = s.getsockname()[1]
-        with pytest.raises(ports.PortUnavailable, match=rf"cannot listen on 127\.0\.0\.1:{port}: the address is in use"):
+        with pytest.raises(ports.PortUnavailable, match=rf"listen on 127\.0\.0\.1:{port}: the address is in use"):
             ports.check_free("127.0.0.1", port)
         with pytest.raises(ports.PortUnavailable, match="in use"):
             ports.reserve("127.0.0.1", port)
