@@ -216,6 +216,7 @@ def test_killed_worker_is_restarted_while_the_other_serves(farm, traffic):
     assert re.search(rf"worker 0 \(pid {old}, cpu \d+\) exited: killed by SIGKILL; restarting in", farm.log())
 
 
+@pytest.mark.slow      # two more worker start-ups (the refused one, then the good one)
 def test_worker_loading_another_bundle_is_refused(farm):
     """The bundle directory is replaced in place while serving (another valid bundle: a new id and
     digest); a worker restarted now would serve a different model: it is refused before it binds."""
@@ -277,6 +278,7 @@ def test_sigterm_drains_queued_requests_and_exits_0(farm, traffic):
     assert "all workers stopped, drained" in log
 
 
+@pytest.mark.slow      # a supervisor of its own: two worker start-ups
 def test_wrong_bundle_digest_fails_start_up(small_bundle, tmp_path):
     """bundle_digest names another bundle: every worker is refused before binding, exit 2."""
     r = subprocess.run(SERVE + ["--bundle", str(small_bundle), "--port", "0", "--workers", "2",
