@@ -209,7 +209,7 @@ def test_gpu_encoder_that_cannot_start(small_bundle, monkeypatch, capsys, caplog
     monkeypatch.setitem(sys.modules, "uwrt.runtime.encoders.triton_encoder", None)       # import fails
     served = {}
 
-    async def fake_serve(pipe, cfg, *, profile, profile_reason):
+    async def fake_serve(pipe, cfg, *, profile, profile_reason, **_):
         served.update(pipe=pipe, cfg=cfg, profile=profile, reason=profile_reason)
         return 0
     monkeypatch.setattr(uwrt.runtime.serving.server, "serve", fake_serve)
