@@ -77,25 +77,46 @@ def _in_use(host: str, port: int, e: OSError) -> PortUnavailable:
                            f"the workers of one `uwrt serve --workers N`")
 
 
-def check_free(host: str, port: int) -> int:
-    """Raise PortUnavailable unless a plain bind (SO_REUSEADDR, no SO_REUSEPORT) of every address
-    of `host` at `port` succeeds; that bind conflicts with any listener, SO_REUSEPORT or not.
-    Returns the port (a free one when `port` is 0). Nothing stays bound."""
+#: an address of `host` this machine cannot bind at all (e.g. ::1 without IPv6): skipped, as gRPC
+#: does, as long as another address binds
+_UNBINDABLE = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+
+
+def _bind_all(host: str, port: int, *, reuseport: bool) -> list[socket.socket]:
+    """Bind every address of `host` at `port` (0: the port the first address got); raises OSError."""
     socks: list[socket.socket] = []
+    skipped: OSError | None = None
     try:
         for fam, addr in _addresses(host, port):
             if socks and port == 0:    # the other addresses of host at the port the first one got
                 addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
             try:
-                socks.append(_socket(fam, addr, reuseport=False))
+                socks.append(_socket(fam, addr, reuseport=reuseport))
             except OSError as e:
-                raise _in_use(host, addr[1], e) from None
+                if e.errno not in _UNBINDABLE:
+                    raise
+                skipped = e
         if not socks:
-            raise PortUnavailable(f"cannot listen on {format_address(host, port)}: no IPv4/IPv6 address")
-        return socks[0].getsockname()[1]
-    finally:
+            raise skipped or OSError(errno.EADDRNOTAVAIL, "no IPv4/IPv6 address")
+        return socks
+    except BaseException:
         for s in socks:
             s.close()
+        raise
+
+
+def check_free(host: str, port: int) -> int:
+    """Raise PortUnavailable unless a plain bind (SO_REUSEADDR, no SO_REUSEPORT) of every address
+    of `host` at `port` succeeds; that bind conflicts with any listener, SO_REUSEPORT or not.
+    Returns the port (a free one when `port` is 0). Nothing stays bound."""
+    try:
+        socks = _bind_all(host, port, reuseport=False)
+    except OSError as e:
+        raise _in_use(host, port, e) from None
+    p = socks[0].getsockname()[1]
+    for s in socks:
+        s.close()
+    return p
 
 
 @dataclass
@@ -121,13 +142,9 @@ def reserve(host: str, port: int, *, attempts: int = 5) -> Reservation:
     last: OSError | None = None
     for _ in range(attempts):      # retried only when port 0's pick is taken between the two binds
         p = check_free(host, port)
-        res = Reservation(host, p)
         try:
-            for fam, addr in _addresses(host, p):
-                res.socks.append(_socket(fam, addr, reuseport=True))
-            return res
+            return Reservation(host, p, _bind_all(host, p, reuseport=True))
         except OSError as e:
-            res.close()
             last = e
             if port != 0:
                 break
