@@ -171,3 +171,16 @@ def test_late_bind_server_warms_before_listening(pipe):
     port, info, ok = asyncio.run(main())
     assert port > 0 and ok
     assert info.settings["stats.batches"] == "0"       # warm-up batches ran before serving, not through the batcher
+
+
+def test_single_process_refuses_another_bundle_digest(small_bundle, capsys):
+    """`bundle_digest` in one-process mode: the loaded bundle's digest must match, else exit 2."""
+    import json
+
+    from uwrt.runtime.cli.main import main
+    digest = json.loads((small_bundle / "manifest.json").read_text())["bundle_digest"]
+    wrong = "0123456789ab" if not digest.startswith("0123456789ab") else "ba9876543210"
+    rc = main(["serve", "--profile", "cpu", "--bundle", str(small_bundle), "--port", "0", "--workers", "1",
+               "--bundle-digest", wrong])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"has bundle digest {digest[:12]}, but bundle_digest = {wrong} is required" in err
