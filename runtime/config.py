@@ -160,6 +160,15 @@ class RuntimeConfig:
     torch_threads: int = 1
     #: xgboost threads per tree-stage call (1: latency; the encoder owns the other core).
     tree_threads: int = 1
+    #: Refuse a bundle unless its manifest.sig holds a valid Ed25519 signature by one of
+    #: trusted_keys (`uwrt bundle sign`). Recommended for production: anyone who can write the
+    #: bundle directory can otherwise serve a forged manifest with recomputed digests. Off by
+    #: default so a freshly built demo bundle serves; needs trusted_keys.
+    require_signature: bool = False
+    #: Trusted bundle-signing public keys: comma-separated PEM files (`uwrt bundle keygen`),
+    #: kept outside the bundle. A signature present in a bundle is always verified; these decide
+    #: whether its signer is trusted.
+    trusted_keys: str = ""
     #: Requests per pipeline call in offline scoring (`uwrt score`).
     score_batch_size: int = 64
     #: Seconds SIGTERM/SIGINT waits for queued and in-flight requests before exiting.
@@ -187,6 +196,12 @@ class RuntimeConfig:
             raise ValueError(f"encoder_device must be 'cpu' or 'cuda[:N]', got {self.encoder_device!r}")
         if self.onnx_intra_op_threads < 0 or self.onnx_inter_op_threads < 0 or self.fallback_reprobe_s < 0:
             raise ValueError("onnx_*_threads >= 0 and fallback_reprobe_s >= 0 are required")
+        if self.require_signature and not self.trusted_key_paths():
+            raise ValueError("require_signature needs trusted_keys (comma-separated public key files)")
+
+    def trusted_key_paths(self) -> tuple[str, ...]:
+        """trusted_keys split on commas, blanks dropped."""
+        return tuple(p.strip() for p in self.trusted_keys.split(",") if p.strip())
 
     # -- loading -------------------------------------------------------------------------------
 
