@@ -141,7 +141,7 @@ class RuntimeConfig:
     #: ONNX Runtime inter-op threads (the graph runs sequentially, so 1 is enough).
     onnx_inter_op_threads: int = 1
     #: Directory for the exported ONNX encoder; empty = the bundle's cache/onnx, or
-    #: ~/.cache/uwrt/onnx ($XDG_CACHE_HOME) when the bundle is read-only.
+    #: ~/.cache/uwrt/onnx ($XDG_CACHE_HOME) when that is read-only or untrusted (README: Security).
     onnx_cache_dir: str = ""
     #: Tree stage path. "auto": routed by batch size, measured at warm-up, between the paths whose
     #: margins are bit-identical to xgboost's ("native", our generated C layout, and "xgboost"
@@ -150,7 +150,8 @@ class RuntimeConfig:
     #: Or one forced path: "native", "tl2cgen", "xgboost", "onnx". Always on the CPU.
     tree_path: str = "auto"
     #: Where compiled tree libraries are cached; empty = the bundle's cache/native, then
-    #: $UWRT_CACHE_DIR or ~/.cache/uwrt/native (first writable). Compiled once, verified on load.
+    #: $UWRT_CACHE_DIR or ~/.cache/uwrt/native (first writable and trusted). Compiled once,
+    #: authenticated on load (README: Security).
     tree_cache_dir: str = ""
     #: Reason codes for adverse outcomes from exact TreeSHAP: "native" (compiled, ~50 us a row on
     #: the demo model; falls back to xgboost, logged and counted, if it cannot be built) or

@@ -386,7 +386,7 @@ def _check_signature(root: pathlib.Path, manifest_bytes: bytes, digest: str, req
 def _refuse_undeclared(root: pathlib.Path, files: Mapping[str, Any]) -> None:
     """Every entry of the bundle directory must be declared: a listed file (a regular file, not
     a symbolic link), a directory holding one, manifest.json, manifest.sig or `cache/`."""
-    allowed = set(files) | {MANIFEST, SIGNATURE_FILE}
+    allowed = set(files) | {MANIFEST, SIGNATURE_FILE, CACHE_DIR}   # `cache` is reserved even when not a directory
     dirs = {p.as_posix() for rel in files for p in pathlib.PurePosixPath(rel).parents if p.as_posix() != "."}
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = pathlib.PurePosixPath(pathlib.Path(dirpath).relative_to(root).as_posix())
@@ -403,7 +403,7 @@ def _refuse_undeclared(root: pathlib.Path, files: Mapping[str, Any]) -> None:
             if rel not in allowed:
                 raise BundleError(f"{rel}: not declared in {MANIFEST}; refusing a bundle with undeclared "
                                   "files (remove it, or rebuild the bundle with it)")
-            if os.path.islink(os.path.join(dirpath, name)):
+            if os.path.islink(os.path.join(dirpath, name)) and rel != CACHE_DIR:
                 raise BundleError(f"{rel}: must be a regular file, not a symbolic link")
 
 
