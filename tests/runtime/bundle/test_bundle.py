@@ -19,7 +19,7 @@ from tests.runtime.bundle.helpers import save_manifest as _save_manifest
 from tests.runtime.bundle.helpers import write_test_bundle as _write
 from uwrt.runtime.bundle import bundle as bmod
 from uwrt.runtime.bundle.bundle import export_parts, load_bundle
-from uwrt.runtime.bundle.schema import FeatureSchema, Policy
+from uwrt.runtime.bundle.schema import FeatureSchema, Policy, RequestLimits
 from uwrt.runtime.cli.bundle import register
 from uwrt.runtime.errors import BundleError
 
@@ -320,3 +320,38 @@ def test_cli_inspect_tampered(bundle, capsys):
     assert _cli(["bundle", "inspect", str(bundle.path), "--json"]) == 2
     doc = json.loads(capsys.readouterr().out)
     assert doc["verified"] is False and "trees.ubj" in doc["error"]
+
+
+def test_cli_create_with_request_limits_and_inspect_shows_them(tmp_path, bundle, capsys):
+    parts = export_parts(bundle, tmp_path / "parts")
+    assert json.loads(parts["feature_schema"].read_text())["limits"]["currencies"] == {"USD": 2}
+    limits = {"currencies": {"EUR": 2, "USD": 2}, "amount_min_major": 5, "amount_max_major": 2500,
+              "installments": {"PAY_IN_4": [4, 4]}, "required_features": ["bureau_score"], "max_imputed_share": 0.25}
+    (tmp_path / "limits.json").write_text(json.dumps(limits))
+    base = ["bundle", "create", "--trees", str(parts["trees"]), "--encoder-weights", str(parts["encoder_weights"]),
+            "--encoder-config", str(parts["encoder_config"]), "--feature-schema", str(parts["feature_schema"]),
+            "--policy", str(parts["policy"])]
+    assert _cli(base + ["--out", str(tmp_path / "b"), "--request-limits", str(tmp_path / "limits.json")]) == 0
+    b = load_bundle(tmp_path / "b")
+    assert b.schema.limits.required_features == ("bureau_score",) and b.schema.limits.amount_range_minor() == (
+        500, 250_000)
+    capsys.readouterr()
+    assert _cli(["bundle", "inspect", str(tmp_path / "b")]) == 0
+    text = capsys.readouterr().out
+    for needle in ("request limits", "EUR (exponent 2), USD (exponent 2)", "5 .. 2500 major units", "PAY_IN_4 4",
+                   "required       bureau_score", "at most 0.25"):
+        assert needle in text, needle
+    assert _cli(["bundle", "inspect", str(tmp_path / "b"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["request_limits"]["installments"] == {"PAY_IN_4": [4, 4]} and doc["request_limits_declared"]
+    # a bundle from before request limits (no "limits" in its manifest): the defaults, said so
+    m = _manifest(bundle.path)
+    del m["feature_schema"]["limits"]
+    _save_manifest(bundle.path, m, redigest=True)
+    assert load_bundle(bundle.path).schema.limits == RequestLimits()
+    assert _cli(["bundle", "inspect", str(bundle.path)]) == 0
+    assert "request limits (defaults: the manifest declares none)" in capsys.readouterr().out
+    # bad limits are refused before anything is written, naming the problem
+    (tmp_path / "bad.json").write_text(json.dumps({"currencies": {"USD": 2, "JPY": 0}}))
+    assert _cli(base + ["--out", str(tmp_path / "c"), "--request-limits", str(tmp_path / "bad.json")]) == 2
+    assert "share one minor-unit exponent" in capsys.readouterr().err and not (tmp_path / "c").exists()
