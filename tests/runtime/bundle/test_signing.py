@@ -183,3 +183,16 @@ def test_config_knobs(bundle, keys, tmp_path):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--require-signature", "maybe"])
     assert not config_from_args(build_parser().parse_args(["serve"])).require_signature
+
+
+def test_score_refuses_an_unsigned_bundle_when_required(bundle, keys, tmp_path, monkeypatch, capsys):
+    """The pipeline's loader enforces the knobs (uwrt serve goes through the same Pipeline.from_dir)."""
+    from uwrt.runtime.cli.main import main
+    (tmp_path / "in.jsonl").write_text("")
+    monkeypatch.setenv("UWRT_REQUIRE_SIGNATURE", "1")
+    monkeypatch.setenv("UWRT_TRUSTED_KEYS", str(keys["ours"][1]))
+    assert main(["score", "--bundle", str(bundle.path), "--input", str(tmp_path / "in.jsonl")]) == 2
+    assert "is not signed" in capsys.readouterr().err
+    sign_bundle(bundle.path, keys["theirs"][0])
+    assert main(["score", "--bundle", str(bundle.path), "--input", str(tmp_path / "in.jsonl")]) == 2
+    assert "none of them a trusted key" in capsys.readouterr().err
