@@ -235,6 +235,15 @@ class FeatureSchema:
         if unknown:
             raise ValueError(f"limits.required_features names features that are not applicant features: {unknown}")
 
+    def __hash__(self) -> int:
+        # computed once: featurize looks its per-schema plans up by schema on every request, and
+        # hashing ~50 FeatureSpecs each time cost more than the rest of the lookup
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.version, self.features, self.limits))
+
     @functools.cached_property
     def names(self) -> list[str]:
         return [f.name for f in self.features]
