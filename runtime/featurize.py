@@ -23,12 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from uwrt.runtime.bundle.schema import (
-    EVENT_TYPE_IDS,
-    EncoderConfig,
-    FeatureSchema,
-    is_currency_code,
-)
+from uwrt.runtime.bundle.schema import EVENT_TYPE_IDS, EncoderConfig, FeatureSchema, is_currency_code
 from uwrt.runtime.errors import InvalidRequest
 from uwrt.runtime.pb import pb
 
