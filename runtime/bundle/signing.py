@@ -225,7 +225,8 @@ def check_signatures(doc: Mapping[str, Any] | None, manifest_bytes: bytes, bundl
     actual = hashlib.sha256(manifest_bytes).hexdigest()
     if doc.get("manifest_sha256") != actual or doc.get("bundle_digest") != bundle_digest:
         raise BundleError(f"{SIGNATURE_FILE}: was made for another manifest (manifest.json changed after "
-                          f"signing: sha256 {actual[:12]}..., signed {str(doc.get('manifest_sha256'))[:12]}...)")
+                          f"signing: sha256 {actual[:12]}..., signed {str(doc.get('manifest_sha256'))[:12]}...); "
+                          f"if the change is intended, delete {SIGNATURE_FILE} and sign again")
     entries = doc.get("signatures")
     if not isinstance(entries, list) or not entries:
         raise BundleError(f"{SIGNATURE_FILE}: 'signatures' must be a non-empty list")
