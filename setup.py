@@ -36,7 +36,7 @@ setup(
     # torch and xgboost are deliberately absent: the right build (CPU vs CUDA, xgboost-cpu vs
     # xgboost) comes from the profile's requirements file, never from an unpinned resolve.
     install_requires=[
-        "numpy", "safetensors", "protobuf", "grpcio", "grpcio-health-checking", "grpcio-reflection",
+        "numpy", "safetensors", "cryptography", "protobuf", "grpcio", "grpcio-health-checking", "grpcio-reflection",
     ],
     entry_points={"console_scripts": ["uwrt=uwrt.runtime.cli:main"]},
 )

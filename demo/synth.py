@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from uwrt.runtime import jsonl as _jsonl
-from uwrt.runtime.bundle.schema import FeatureSpec
+from uwrt.runtime.bundle.schema import FeatureSpec, RequestLimits
 from uwrt.runtime.pb import pb
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +137,15 @@ APPLICANT_FEATURES: list[FeatureSpec] = [
 APPLICANT_FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in APPLICANT_FEATURES)
 #: Probability that any one applicant feature is absent from a request (missing at random).
 MISSING_RATE = 0.04
+
+#: What the demo model was trained on, as the bundle's request limits (RequestLimits): USD
+#: purchases of $5-$20,000 (accepted up to $50,000), pay-in-4, monthly in 3/6/12 installments
+#: (accepted 3..24), pay-in-full; at most half the applicant features imputed (the generator
+#: drops each with probability MISSING_RATE).
+REQUEST_LIMITS = RequestLimits(
+    currencies=(("USD", 2),), amount_min_major=1.0, amount_max_major=50_000.0,
+    installments=(("PAY_IN_4", 4, 4), ("MONTHLY", 3, 24), ("PAY_IN_FULL_30", 1, 1)),
+    max_imputed_share=0.5)
 
 #: The hidden order/recency variables the labels use, computed from a request's history.
 ORACLE_FEATURES: tuple[str, ...] = (

@@ -178,7 +178,8 @@ def build_demo(out_dir, cfg: DemoConfig = DemoConfig(), *, overwrite: bool = Fal
     progress(f"generated {cfg.n_applicants} applicants in {timings['generate_s']:.1f}s "
              f"(default rate {data.default.mean():.3f}; train {len(tr)}, test {len(te)}, time split)")
 
-    schema = FeatureSchema.build("demo-features-1", list(synth.APPLICANT_FEATURES), cfg.encoder.emb_dim)
+    schema = FeatureSchema.build("demo-features-2", list(synth.APPLICANT_FEATURES), cfg.encoder.emb_dim,
+                                 limits=synth.REQUEST_LIMITS)
     policy = dataclasses.replace(cfg.policy, reason_texts=dict(synth.REASON_TEXTS))
 
     def feats(reqs):

@@ -141,7 +141,7 @@ class RuntimeConfig:
     #: ONNX Runtime inter-op threads (the graph runs sequentially, so 1 is enough).
     onnx_inter_op_threads: int = 1
     #: Directory for the exported ONNX encoder; empty = the bundle's cache/onnx, or
-    #: ~/.cache/uwrt/onnx ($XDG_CACHE_HOME) when the bundle is read-only.
+    #: ~/.cache/uwrt/onnx ($XDG_CACHE_HOME) when that is read-only or untrusted (README: Security).
     onnx_cache_dir: str = ""
     #: Tree stage path. "auto": routed by batch size, measured at warm-up, between the paths whose
     #: margins are bit-identical to xgboost's ("native", our generated C layout, and "xgboost"
@@ -150,7 +150,8 @@ class RuntimeConfig:
     #: Or one forced path: "native", "tl2cgen", "xgboost", "onnx". Always on the CPU.
     tree_path: str = "auto"
     #: Where compiled tree libraries are cached; empty = the bundle's cache/native, then
-    #: $UWRT_CACHE_DIR or ~/.cache/uwrt/native (first writable). Compiled once, verified on load.
+    #: $UWRT_CACHE_DIR or ~/.cache/uwrt/native (first writable and trusted). Compiled once,
+    #: authenticated on load (README: Security).
     tree_cache_dir: str = ""
     #: Reason codes for adverse outcomes from exact TreeSHAP: "native" (compiled, ~50 us a row on
     #: the demo model; falls back to xgboost, logged and counted, if it cannot be built) or
@@ -160,6 +161,15 @@ class RuntimeConfig:
     torch_threads: int = 1
     #: xgboost threads per tree-stage call (1: latency; the encoder owns the other core).
     tree_threads: int = 1
+    #: Refuse a bundle unless its manifest.sig holds a valid Ed25519 signature by one of
+    #: trusted_keys (`uwrt bundle sign`). Recommended for production: anyone who can write the
+    #: bundle directory can otherwise serve a forged manifest with recomputed digests. Off by
+    #: default so a freshly built demo bundle serves; needs trusted_keys.
+    require_signature: bool = False
+    #: Trusted bundle-signing public keys: comma-separated PEM files (`uwrt bundle keygen`),
+    #: kept outside the bundle. A signature present in a bundle is always verified; these decide
+    #: whether its signer is trusted.
+    trusted_keys: str = ""
     #: Requests per pipeline call in offline scoring (`uwrt score`).
     score_batch_size: int = 64
     #: Seconds SIGTERM/SIGINT waits for queued and in-flight requests before exiting.
@@ -218,6 +228,12 @@ class RuntimeConfig:
             raise ValueError("worker_start_timeout_s > 0 and restart_backoff_s >= 0 are required")
         if self.bundle_digest and not re.fullmatch(r"[0-9a-f]{12,64}", self.bundle_digest):
             raise ValueError(f"bundle_digest must be 12 to 64 lowercase hex digits, got {self.bundle_digest!r}")
+        if self.require_signature and not self.trusted_key_paths():
+            raise ValueError("require_signature needs trusted_keys (comma-separated public key files)")
+
+    def trusted_key_paths(self) -> tuple[str, ...]:
+        """trusted_keys split on commas, blanks dropped."""
+        return tuple(p.strip() for p in self.trusted_keys.split(",") if p.strip())
 
     # -- loading -------------------------------------------------------------------------------
 

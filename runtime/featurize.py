@@ -15,22 +15,31 @@ Thread safety: pure functions over their arguments; safe to call from any thread
 """
 from __future__ import annotations
 
+import datetime as _dt
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from uwrt.runtime.bundle.schema import EVENT_TYPE_IDS, EncoderConfig, FeatureSchema
+from uwrt.runtime.bundle.schema import EVENT_TYPE_IDS, EncoderConfig, FeatureSchema, is_currency_code
 from uwrt.runtime.errors import InvalidRequest
 from uwrt.runtime.pb import pb
 
 SECONDS_PER_DAY = 86400.0
 MAX_REQUEST_ID_BYTES = 128
-MAX_AMOUNT_MINOR = 10**12            # 10 billion in major units: anything above is an error
+#: Largest history event amount (minor units). The purchase's own range is the bundle's
+#: (RequestLimits): per-event limits are module constants because the event checks run
+#: vectorised over the whole batch.
+MAX_AMOUNT_MINOR = 10**10
+#: Earliest history event timestamp accepted: 2000-01-01T00:00:00Z (as the default earliest
+#: as_of; catches 0, small integers and unit mix-ups). Events are also never after as_of.
+MIN_EVENT_UNIX_S = 946_684_800
 MAX_DAYS_PAST_DUE = 3650
 MAX_INSTALLMENT_INDEX = 360
-MAX_INSTALLMENTS = 360
+#: The clock as_of is checked against (the schema's as_of_max_future_s); tests replace it.
+_now = time.time
 
 #: +1 when the event adds exposure or signals stress, -1 when money flows back to the lender.
 _DIRECTION = np.zeros(max(EVENT_TYPE_IDS) + 1, dtype=np.float32)
@@ -164,16 +173,47 @@ def featurize(requests: list[pb.DecisionRequest], schema: FeatureSchema, enc: En
 
 
 @functools.lru_cache(maxsize=16)
-def _applicant_plan(schema: FeatureSchema) -> tuple[tuple[tuple[str, float, float, float], ...], frozenset[str]]:
-    """(name, impute, lo, hi) per applicant feature, and the known names; cached per schema."""
+def _applicant_plan(schema: FeatureSchema
+                    ) -> tuple[tuple[tuple[str, float, float, float, bool], ...], frozenset[str], int]:
+    """(name, impute, lo, hi, required) per applicant feature, the known names and the most
+    features one request may have imputed; cached per schema."""
+    required = set(schema.limits.required_features)
     plan = tuple((f.name, f.impute_value, -math.inf if f.min_value is None else f.min_value,
-                  math.inf if f.max_value is None else f.max_value) for f in schema.applicant)
-    return plan, frozenset(f.name for f in schema.applicant)
+                  math.inf if f.max_value is None else f.max_value, f.name in required) for f in schema.applicant)
+    max_imputed = math.floor(schema.limits.max_imputed_share * len(plan) + 1e-9)
+    return plan, frozenset(f.name for f in schema.applicant), max_imputed
+
+
+@dataclass(frozen=True)
+class _Envelope:
+    """A schema's RequestLimits, precomputed for the per-request checks."""
+    currencies: frozenset[str]
+    currency_list: str
+    amount_lo: int                                   # minor units, inclusive
+    amount_hi: int
+    amount_text: str                                 # the range in major units, for messages
+    installments: dict[int, tuple[int, int, str]]    # Product number -> (min, max, name)
+    products_text: str
+    as_of_min: int
+    as_of_max_future_s: int
+
+
+@functools.lru_cache(maxsize=16)
+def _envelope_plan(schema: FeatureSchema) -> _Envelope:
+    lim = schema.limits
+    lo, hi = lim.amount_range_minor()
+    return _Envelope(
+        currencies=frozenset(c for c, _ in lim.currencies), currency_list=", ".join(c for c, _ in lim.currencies),
+        amount_lo=lo, amount_hi=hi, amount_text=f"[{lim.amount_min_major:g}, {lim.amount_max_major:g}] major units "
+                                                f"({lo}..{hi} minor units)",
+        installments={pb.Product.Value(p): (a, b, p) for p, a, b in lim.installments},
+        products_text=", ".join(p for p, _, _ in lim.installments),
+        as_of_min=lim.as_of_min_unix_s, as_of_max_future_s=lim.as_of_max_future_s)
 
 
 def _tabular_row(req: pb.DecisionRequest, schema: FeatureSchema) -> tuple[np.ndarray, list[pb.Warning]]:
-    _check_envelope(req)
-    plan, known = _applicant_plan(schema)
+    _check_envelope(req, _envelope_plan(schema))
+    plan, known, max_imputed = _applicant_plan(schema)
     feats = dict(req.features)
     if not feats.keys() <= known:
         name = min(feats.keys() - known)          # sorted: map order differs between processes
@@ -181,9 +221,12 @@ def _tabular_row(req: pb.DecisionRequest, schema: FeatureSchema) -> tuple[np.nda
                              f"{schema.version})")
     vals: list[float] = []
     warnings = []
-    for name, impute, lo, hi in plan:
+    for name, impute, lo, hi, required in plan:
         v = feats.get(name)
         if v is None:
+            if required:
+                raise InvalidRequest(f'features["{name}"]', f"required by the bundle's feature schema "
+                                     f"{schema.version} (never imputed)")
             vals.append(impute)
             warnings.append(pb.Warning(code=pb.FEATURE_IMPUTED, detail=name))
         elif math.isfinite(v) and lo <= v <= hi:
@@ -192,32 +235,57 @@ def _tabular_row(req: pb.DecisionRequest, schema: FeatureSchema) -> tuple[np.nda
             raise InvalidRequest(f'features["{name}"]', f"must be finite, got {v}")
         else:
             raise InvalidRequest(f'features["{name}"]', f"{v} is outside [{lo}, {hi}]")
+    if len(warnings) > max_imputed:
+        raise InvalidRequest("features", f"{len(warnings)} of {len(plan)} applicant features are missing; the "
+                             f"bundle's feature schema {schema.version} imputes at most {max_imputed} "
+                             f"(max_imputed_share {schema.limits.max_imputed_share:g})")
     if schema.n_purchase:
         p = req.purchase
         vals += (math.log1p(p.amount_minor / 100.0), p.installments, p.product, p.mcc // 1000)
     return np.array(vals, dtype=np.float64), warnings
 
 
-def _check_envelope(req: pb.DecisionRequest) -> None:
+def _utc(unix_s: int) -> str:
+    return _dt.datetime.fromtimestamp(unix_s, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _check_envelope(req: pb.DecisionRequest, env: _Envelope) -> None:
     if not req.request_id:
         raise InvalidRequest("request_id", "required")
     if len(req.request_id.encode()) > MAX_REQUEST_ID_BYTES:
         raise InvalidRequest("request_id", f"longer than {MAX_REQUEST_ID_BYTES} bytes")
     if not req.HasField("as_of") or req.as_of.seconds <= 0:
         raise InvalidRequest("as_of", "required (a timestamp after 1970)")
+    as_of = req.as_of.seconds
+    if as_of < env.as_of_min:
+        raise InvalidRequest("as_of", f"{as_of} is before {_utc(env.as_of_min)}, the earliest decision time "
+                             "the bundle accepts")
+    now = int(_now())
+    if as_of > now + env.as_of_max_future_s:
+        raise InvalidRequest("as_of", f"{as_of} is more than {env.as_of_max_future_s} s after the server's clock "
+                             f"({now}, {_utc(now)}): a decision cannot be taken in the future (seconds, not ms?)")
     if not req.HasField("purchase"):
         raise InvalidRequest("purchase", "required")
     p = req.purchase
-    if not 0 < p.amount_minor <= MAX_AMOUNT_MINOR:
-        raise InvalidRequest("purchase.amount_minor", f"must be in (0, {MAX_AMOUNT_MINOR}], got {p.amount_minor}")
-    if len(p.currency) != 3 or not p.currency.isalpha() or not p.currency.isupper():
+    if not is_currency_code(p.currency):
         raise InvalidRequest("purchase.currency", f"must be an ISO 4217 code like 'USD', got {p.currency!r}")
+    if p.currency not in env.currencies:     # before the amount: an amount means nothing in another currency
+        raise InvalidRequest("purchase.currency", f"{p.currency} is not accepted by this bundle (accepts "
+                             f"{env.currency_list}; amounts are not converted)")
+    if not env.amount_lo <= p.amount_minor <= env.amount_hi:
+        raise InvalidRequest("purchase.amount_minor", f"must be in {env.amount_text}, got {p.amount_minor}")
     if not 0 <= p.mcc <= 9999:
         raise InvalidRequest("purchase.mcc", f"must be in 0..9999, got {p.mcc}")
     if p.product not in _VALID_PRODUCTS:
         raise InvalidRequest("purchase.product", f"unknown or unspecified product {p.product}")
-    if not 1 <= p.installments <= MAX_INSTALLMENTS:
-        raise InvalidRequest("purchase.installments", f"must be in 1..{MAX_INSTALLMENTS}, got {p.installments}")
+    rng = env.installments.get(p.product)
+    if rng is None:
+        raise InvalidRequest("purchase.product", f"{pb.Product.Name(p.product)} is not offered by this bundle "
+                             f"(accepts {env.products_text})")
+    lo, hi, name = rng
+    if not lo <= p.installments <= hi:
+        want = f"{lo}" if lo == hi else f"in {lo}..{hi}"
+        raise InvalidRequest("purchase.installments", f"must be {want} for {name}, got {p.installments}")
 
 
 def _columns(req: pb.DecisionRequest, limits: Limits) -> tuple[np.ndarray, ...]:
@@ -237,7 +305,7 @@ def _bad_events(ts, types, amt, mcc, dpd, inst, as_of_tok, same_seg_next) -> np.
     """Per-event: does it break any rule (see _check_events for the rules and their messages)."""
     t = np.clip(types, 0, len(_VALID_TYPE) - 1)
     bad = (types != t) | ~_VALID_TYPE[t]
-    bad |= (ts <= 0) | (ts > as_of_tok)
+    bad |= (ts < MIN_EVENT_UNIX_S) | (ts > as_of_tok)
     bad |= (amt < 0) | (amt > MAX_AMOUNT_MINOR) | (mcc < 0) | (mcc > 9999)
     bad |= (dpd < 0) | (dpd > MAX_DAYS_PAST_DUE) | (inst < 0) | (inst > MAX_INSTALLMENT_INDEX)
     newer_after = np.zeros(len(ts), dtype=bool)
@@ -275,7 +343,8 @@ def _check_events(c: tuple[np.ndarray, ...], as_of: int) -> None:
     _first_bad("history.type",
                (types < 0) | (types >= len(_VALID_TYPE)) | ~_VALID_TYPE[np.clip(types, 0, len(_VALID_TYPE) - 1)],
                types, "unknown or unspecified event type")
-    _first_bad("history.timestamp_unix_s", ts <= 0, ts, "must be a positive Unix time")
+    _first_bad("history.timestamp_unix_s", ts < MIN_EVENT_UNIX_S, ts,
+               f"is before {_utc(MIN_EVENT_UNIX_S)}, the earliest event time accepted")
     _first_bad("history.timestamp_unix_s", ts > as_of, ts, f"is after as_of ({as_of})")
     if len(ts) > 1:
         bad = np.flatnonzero(ts[1:] > ts[:-1])

@@ -89,7 +89,8 @@ class Pipeline:
 
     @classmethod
     def from_dir(cls, path, **kw) -> Pipeline:
-        return cls(load_bundle(path), **kw)
+        """Load (and verify) the bundle at `path`, with `config`'s require_signature / trusted_keys."""
+        return cls(load_bundle(path, config=kw.get("config")), **kw)
 
     @property
     def degraded(self) -> bool:

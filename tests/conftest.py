@@ -12,8 +12,14 @@ if "TRITON_INTERPRET" not in os.environ:
     if not _has_cuda:
         os.environ["TRITON_INTERPRET"] = "1"
 
+import tempfile
+
 import numpy as np
 import pytest
+
+# The cache key (runtime/bundle/cache_trust.py) lives in the server user's state directory: tests
+# (and the servers they start as subprocesses) use a private one, never the developer's.
+os.environ.setdefault("UWRT_STATE_DIR", tempfile.mkdtemp(prefix="uwrt-test-state-"))
 
 
 @pytest.fixture

@@ -6,16 +6,24 @@ A bundle is a directory::
     encoder.safetensors    encoder weights (non-executable format)
     trees.ubj              XGBoost Booster as UBJSON
     model_card.json/.md    optional; digested like every other file
-    cache/                 reserved for compile caches; never digested, silently ignored
+    manifest.sig           optional Ed25519 signature(s) over manifest.json (signing.py)
+    cache/                 reserved for compile caches; never digested (runtime/bundle/cache_trust.py
+                           says when an entry in it may be used)
 
 `manifest["files"]` pins every file but manifest.json by size and SHA-256, and
 `bundle_digest` is the SHA-256 of the canonical JSON of the manifest without
 "bundle_digest" and "created_at", so it pins every file and a deterministic build of the
-same parts gives the same digest.
+same parts gives the same digest. Any other file in the directory is refused.
 
 Primitives: `write_bundle` (build from in-memory parts, atomically), `load_bundle`
-(verify and open), `export_parts` (the inverse of `create_from_parts`, which backs
-`uwrt bundle create`).
+(verify and open), `sign_bundle`, `export_parts` (the inverse of `create_from_parts`, which
+backs `uwrt bundle create`).
+
+Imports: verifying a bundle needs neither torch nor xgboost (`load_bundle(...,
+check_trees_with_xgboost=False)` is what `uwrt bundle inspect` / `verify` run): weights are
+checked through `safetensors` as numpy arrays and the tree model's header is read from its
+UBJSON (ubjson.py). torch is imported by `Bundle.encoder_state` and `write_bundle`, xgboost by
+the default (full) `load_bundle`, which also opens the trees with xgboost.
 """
 from __future__ import annotations
 
@@ -28,23 +36,36 @@ import pathlib
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
+import numpy as np
 
 from uwrt.runtime import __version__
 from uwrt.runtime.bundle.schema import EncoderConfig, FeatureSchema, Policy, check_state_dict
+from uwrt.runtime.bundle.signing import (
+    SIGNATURE_FILE,
+    SignatureStatus,
+    check_signatures,
+    load_private_key,
+    load_trusted_keys,
+    read_signature_file,
+    sign_manifest,
+    signature_doc,
+    write_signature_file,
+)
+from uwrt.runtime.bundle.ubjson import TreeHeader, tree_header
 from uwrt.runtime.errors import BundleError
 from uwrt.runtime.pb import pb
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     import xgboost
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Bundle", "write_bundle", "load_bundle",
+    from uwrt.runtime.config import RuntimeConfig
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "Bundle", "write_bundle", "load_bundle", "sign_bundle",
            "create_from_parts", "export_parts", "compute_digest"]
 
 log = logging.getLogger("uwrt.bundle")
@@ -57,12 +78,14 @@ TREES_FILE = "trees.ubj"
 CACHE_DIR = "cache"
 OBJECTIVE = "binary:logistic"
 DEFAULT_CREATED_BY = f"uwrt {__version__}"
-_RESERVED = (MANIFEST, ENCODER_FILE, TREES_FILE)
+_RESERVED = (MANIFEST, ENCODER_FILE, TREES_FILE, SIGNATURE_FILE)
 _CHUNK_BYTES = 1 << 20
 _DIGEST_EXCLUDED = ("bundle_digest", "created_at")
 _REQUIRED_KEYS = {"format": str, "format_version": int, "bundle_id": str, "created_at": str,
                   "created_by": str, "components": dict, "feature_schema": dict,
                   "encoder_config": dict, "policy": dict, "files": dict, "bundle_digest": str}
+#: safetensors dtype -> numpy dtype, for the weight checks (BF16 is widened by hand below)
+_ST_FLOAT_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
 
 PathLike = str | os.PathLike
 
@@ -71,6 +94,8 @@ PathLike = str | os.PathLike
 class Bundle:
     """A verified bundle on disk. Returned by `load_bundle` / `write_bundle`.
 
+    `signature` is what `load_bundle` found in manifest.sig (every signature verified; whether a
+    signer is trusted depends on the trusted keys it was given).
     Thread safety: immutable after construction (treat `manifest` as read-only); every
     method only reads files, so a Bundle may be shared across threads.
     """
@@ -82,6 +107,7 @@ class Bundle:
     encoder_config: EncoderConfig
     policy: Policy
     tree_version: str
+    signature: SignatureStatus = SignatureStatus("unsigned")
 
     def __hash__(self) -> int:  # the manifest dict is unhashable; digest + path identify a bundle
         return hash((self.bundle_digest, str(self.path)))
@@ -90,9 +116,11 @@ class Bundle:
         return self.manifest["components"][component]["file"]
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
-        """Encoder weights (CPU tensors). The bytes are re-hashed against the manifest before
-        they are parsed, so what is loaded is exactly what was verified. Thread safe."""
-        return _st_load(_read_verified(self.path, self._file("encoder"), self.manifest["files"]))
+        """Encoder weights (CPU torch tensors; imports torch). The bytes are re-hashed against
+        the manifest before they are parsed, so what is loaded is exactly what was verified.
+        Thread safe."""
+        from safetensors.torch import load as st_load
+        return st_load(_read_verified(self.path, self._file("encoder"), self.manifest["files"]))
 
     def tree_model_path(self) -> pathlib.Path:
         """Path of the UBJSON tree model (verified at load time; load it promptly, or use
@@ -154,16 +182,16 @@ def _read_verified(root: pathlib.Path, rel: str, files: Mapping[str, Any]) -> by
 def _check_rel_path(rel: str) -> None:
     p = pathlib.PurePosixPath(rel)
     if (not rel or "\\" in rel or p.is_absolute() or any(part in ("", ".", "..") for part in rel.split("/"))
-            or rel == MANIFEST or p.parts[0] == CACHE_DIR):
+            or rel in (MANIFEST, SIGNATURE_FILE) or p.parts[0] == CACHE_DIR):
         raise BundleError(f"bad bundle file name {rel!r}: must be a plain relative path, not "
-                          f"{MANIFEST} and not under {CACHE_DIR}/")
+                          f"{MANIFEST} or {SIGNATURE_FILE} and not under {CACHE_DIR}/")
 
 
 # ------------------------------------------------------------------------------------------
 # compatibility checks (shared by write and load, so nothing incompatible is ever written)
 
-def _check_compat(schema: FeatureSchema, cfg: EncoderConfig, state: Mapping[str, torch.Tensor],
-                  booster: xgboost.Booster) -> None:
+def _check_compat(schema: FeatureSchema, cfg: EncoderConfig, state: Mapping[str, Any],
+                  trees: TreeHeader) -> None:
     if cfg.emb_dim != schema.embedding_dim:
         raise BundleError(f"encoder_config.emb_dim={cfg.emb_dim} but feature_schema "
                           f"{schema.version!r} has {schema.embedding_dim} embedding columns")
@@ -172,22 +200,24 @@ def _check_compat(schema: FeatureSchema, cfg: EncoderConfig, state: Mapping[str,
     except ValueError as e:
         raise BundleError(f"{ENCODER_FILE}: weights do not fit encoder_config "
                           f"{cfg.version!r}: {e}") from None
-    n = booster.num_features()
+    n = trees.num_features
     if n != len(schema.features):
         raise BundleError(f"{TREES_FILE}: tree model expects {n} features but feature_schema "
                           f"{schema.version!r} lists {len(schema.features)}")
-    names = booster.feature_names
+    names = trees.feature_names
     if names is not None and list(names) != schema.names:
         raise BundleError(f"{TREES_FILE}: tree model feature names differ from feature_schema "
                           f"{schema.version!r} (first mismatch at column "
                           f"{next(i for i, (a, b) in enumerate(zip(names, schema.names, strict=True)) if a != b)})")
-    objective = _objective(booster)
-    if objective != OBJECTIVE:
-        raise BundleError(f"{TREES_FILE}: tree model objective is {objective!r}, expected {OBJECTIVE!r}")
+    if trees.objective != OBJECTIVE:
+        raise BundleError(f"{TREES_FILE}: tree model objective is {trees.objective!r}, expected {OBJECTIVE!r}")
 
 
-def _objective(booster: xgboost.Booster) -> str:
-    return json.loads(booster.save_config())["learner"]["objective"]["name"]
+def _booster_header(booster: xgboost.Booster) -> TreeHeader:
+    names = booster.feature_names
+    return TreeHeader(num_features=booster.num_features(),
+                      objective=json.loads(booster.save_config())["learner"]["objective"]["name"],
+                      feature_names=tuple(names) if names else None, num_trees=booster.num_boosted_rounds())
 
 
 def _booster_from_bytes(data: bytes, what: str) -> xgboost.Booster:
@@ -200,30 +230,69 @@ def _booster_from_bytes(data: bytes, what: str) -> xgboost.Booster:
     return booster
 
 
+def _header_from_bytes(data: bytes, what: str) -> TreeHeader:
+    try:
+        return tree_header(data)
+    except ValueError as e:
+        raise BundleError(f"{what}: not a readable XGBoost model: {e}") from None
+
+
+def _numpy_state(blob: bytes, what: str) -> dict[str, np.ndarray]:
+    """Encoder weights as numpy arrays (no torch), for the shape and finiteness checks."""
+    import safetensors
+    try:
+        flat = safetensors.deserialize(blob)
+    except Exception as e:  # safetensors raises its own error type for malformed headers
+        raise BundleError(f"{what}: not a readable safetensors file: {e}") from None
+    out: dict[str, np.ndarray] = {}
+    for name, view in flat:
+        dtype, buf = view["dtype"], view["data"]
+        if dtype == "BF16":   # the upper half of a float32
+            arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+        elif dtype in _ST_FLOAT_DTYPES:
+            arr = np.frombuffer(buf, _ST_FLOAT_DTYPES[dtype])
+        else:
+            raise BundleError(f"{what}: tensor {name!r} has dtype {dtype}; encoder weights must be floating point")
+        out[name] = arr.reshape(view["shape"])
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # load
 
-def load_bundle(path: PathLike) -> Bundle:
+def load_bundle(path: PathLike, *, check_trees_with_xgboost: bool = True, require_signature: bool = False,
+                trusted_keys: Iterable[PathLike] = (), config: RuntimeConfig | None = None) -> Bundle:
     """Open and fully verify a bundle; raise BundleError naming the problem and the file.
 
     Checks, in order: directory and manifest present; manifest parses; format and
-    format_version; required keys; bundle_digest; every listed file present with its size and
-    SHA-256; schema/config/policy parse; encoder/trees compatibility with the schema and config.
-    Unlisted files are logged (logger "uwrt.bundle") and ignored; `cache/` is ignored silently.
+    format_version; required keys; bundle_digest; manifest.sig (every signature must verify;
+    with `require_signature`, one must be by a key in `trusted_keys`, PEM public key files);
+    no file in the directory that the manifest does not declare (`cache/` and manifest.sig
+    excepted); every listed file present with its size and SHA-256; schema/config/policy parse;
+    encoder weights fit the config (shapes, finite); the tree model's header (feature count,
+    names, objective) fits the schema; with `check_trees_with_xgboost` (default) the tree
+    model also opens in xgboost and agrees with its header. `config` adds its
+    `require_signature` and `trusted_keys` (runtime/config.py).
+    torch is never imported here; xgboost only with `check_trees_with_xgboost`.
     Thread safety: reads only; safe to call concurrently.
     """
+    keys = [pathlib.Path(k) for k in trusted_keys]
+    if config is not None:
+        require_signature = require_signature or config.require_signature
+        keys += [pathlib.Path(k) for k in config.trusted_key_paths()]
     root = pathlib.Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle directory not found: {root}")
     mpath = root / MANIFEST
     try:
-        text = mpath.read_text(encoding="utf-8")
+        if mpath.is_symlink():
+            raise BundleError(f"{MANIFEST}: must be a regular file, not a symbolic link")
+        raw = mpath.read_bytes()
+        m = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{MANIFEST} is missing from {root}: not a bundle") from None
     except (OSError, UnicodeDecodeError) as e:
         raise BundleError(f"{MANIFEST}: cannot read: {e}") from None
-    try:
-        m = json.loads(text)
     except json.JSONDecodeError as e:
         raise BundleError(f"{MANIFEST}: not valid JSON ({e}): tampered or corrupt") from None
     if not isinstance(m, dict):
@@ -243,6 +312,8 @@ def load_bundle(path: PathLike) -> Bundle:
     if digest != m["bundle_digest"]:
         raise BundleError(f"{MANIFEST}: bundle_digest mismatch (manifest edited after the bundle was "
                           f"built): recorded {m['bundle_digest'][:12]}..., computed {digest[:12]}...")
+    # the signature before anything else is parsed: a forged bundle is refused unread
+    signature = _check_signature(root, raw, m["bundle_digest"], require_signature, keys)
 
     files = m["files"]
     comps = m["components"]
@@ -256,12 +327,14 @@ def load_bundle(path: PathLike) -> Bundle:
     for rel in (enc_file, tree_file):
         if rel not in files:
             raise BundleError(f"{MANIFEST}: component file {rel!r} is not listed under 'files'")
-    blobs: dict[str, bytes] = {}
     for rel, entry in files.items():
         _check_rel_path(rel)
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and isinstance(entry.get("bytes"), int)):
             raise BundleError(f"{MANIFEST}: files[{rel!r}] must have 'sha256' and 'bytes'")
+    _refuse_undeclared(root, files)
+    blobs: dict[str, bytes] = {}
+    for rel, entry in files.items():
         if rel in (enc_file, tree_file):  # parsed below: hash exactly the bytes we parse
             blobs[rel] = _read_verified(root, rel, files)
             continue
@@ -278,29 +351,81 @@ def load_bundle(path: PathLike) -> Bundle:
     if enc_version != cfg.version:
         raise BundleError(f"{MANIFEST}: components.encoder.version {enc_version!r} != "
                           f"encoder_config.version {cfg.version!r}")
-    try:
-        state = _st_load(blobs[enc_file])
-    except Exception as e:  # safetensors raises its own error type for malformed headers
-        raise BundleError(f"{enc_file}: not a readable safetensors file: {e}") from None
-    booster = _booster_from_bytes(blobs[tree_file], tree_file)
-    if tree_nf != booster.num_features():
+    state = _numpy_state(blobs[enc_file], enc_file)
+    header = _header_from_bytes(blobs[tree_file], tree_file)
+    if tree_nf != header.num_features:
         raise BundleError(f"{MANIFEST}: components.trees.num_features={tree_nf} but {tree_file} "
-                          f"has {booster.num_features()}")
-    _check_compat(schema, cfg, state, booster)
-    _warn_unlisted(root, files)
+                          f"has {header.num_features}")
+    if check_trees_with_xgboost:
+        booster = _booster_header(_booster_from_bytes(blobs[tree_file], tree_file))
+        if (booster.num_features, booster.objective, booster.feature_names) != (
+                header.num_features, header.objective, header.feature_names):
+            raise BundleError(f"{tree_file}: xgboost reads {booster} but the model's header says {header}")
+    _check_compat(schema, cfg, state, header)
     return Bundle(path=root, manifest=m, bundle_id=m["bundle_id"], bundle_digest=m["bundle_digest"],
-                  schema=schema, encoder_config=cfg, policy=policy, tree_version=tree_version)
+                  schema=schema, encoder_config=cfg, policy=policy, tree_version=tree_version,
+                  signature=signature)
 
 
-def _warn_unlisted(root: pathlib.Path, files: Mapping[str, Any]) -> None:
+def _check_signature(root: pathlib.Path, manifest_bytes: bytes, digest: str, required: bool,
+                     keys: list[pathlib.Path]) -> SignatureStatus:
+    if required and not keys:
+        raise BundleError("a signed bundle is required (require_signature) but no trusted_keys are configured")
+    doc = read_signature_file(root)
+    if doc is None and not required:
+        return SignatureStatus("unsigned")
+    status = check_signatures(doc, manifest_bytes, digest, load_trusted_keys(keys))
+    if required and status.state != "trusted":
+        why = ("is not signed (no manifest.sig)" if status.state == "unsigned" else
+               f"is signed by {', '.join(status.signers)}, none of them a trusted key "
+               f"({', '.join(str(k) for k in keys)})")
+        raise BundleError(f"bundle {root} {why}; require_signature is set: sign it with `uwrt bundle sign`")
+    return status
+
+
+def _refuse_undeclared(root: pathlib.Path, files: Mapping[str, Any]) -> None:
+    """Every entry of the bundle directory must be declared: a listed file (a regular file, not
+    a symbolic link), a directory holding one, manifest.json, manifest.sig or `cache/`."""
+    allowed = set(files) | {MANIFEST, SIGNATURE_FILE, CACHE_DIR}   # `cache` is reserved even when not a directory
+    dirs = {p.as_posix() for rel in files for p in pathlib.PurePosixPath(rel).parents if p.as_posix() != "."}
     for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = pathlib.Path(dirpath).relative_to(root)
-        if rel_dir == pathlib.Path("."):
-            dirnames[:] = [d for d in dirnames if d != CACHE_DIR]
-        for name in filenames:
+        rel_dir = pathlib.PurePosixPath(pathlib.Path(dirpath).relative_to(root).as_posix())
+        for d in sorted(dirnames):
+            rel = (rel_dir / d).as_posix()
+            if rel == CACHE_DIR:
+                continue
+            if os.path.islink(os.path.join(dirpath, d)) or rel not in dirs:
+                raise BundleError(f"{rel}/: not declared in {MANIFEST}; refusing a bundle with undeclared "
+                                  "content (remove it, or rebuild the bundle with it)")
+        dirnames[:] = [d for d in dirnames if (rel_dir / d).as_posix() != CACHE_DIR]
+        for name in sorted(filenames):
             rel = (rel_dir / name).as_posix()
-            if rel != MANIFEST and rel not in files:
-                log.warning("bundle %s: file %s is not listed in manifest.json; ignored", root, rel)
+            if rel not in allowed:
+                raise BundleError(f"{rel}: not declared in {MANIFEST}; refusing a bundle with undeclared "
+                                  "files (remove it, or rebuild the bundle with it)")
+            if os.path.islink(os.path.join(dirpath, name)) and rel != CACHE_DIR:
+                raise BundleError(f"{rel}: must be a regular file, not a symbolic link")
+
+
+def sign_bundle(path: PathLike, private_key: PathLike) -> Bundle:
+    """Verify the bundle, then add (or replace) this key's signature in its manifest.sig.
+    Returns the bundle as loaded with that key trusted. Existing signatures by other keys are
+    kept (they must still verify). Thread safety: one signer per bundle at a time."""
+    key = load_private_key(private_key)
+    b = load_bundle(path, check_trees_with_xgboost=False)
+    raw = (b.path / MANIFEST).read_bytes()
+    if compute_digest(json.loads(raw)) != b.bundle_digest:
+        raise BundleError(f"{MANIFEST} changed while it was being signed")
+    entry = sign_manifest(raw, key)
+    old = read_signature_file(b.path)
+    entries = [e for e in (old or {}).get("signatures", []) if e.get("key_id") != entry["key_id"]]
+    write_signature_file(b.path, signature_doc(raw, b.bundle_digest, entries + [entry]))
+    from cryptography.hazmat.primitives import serialization
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with tempfile.TemporaryDirectory() as tmp:
+        (pathlib.Path(tmp) / "signer.pub").write_bytes(pub)
+        return load_bundle(b.path, check_trees_with_xgboost=False, require_signature=True,
+                           trusted_keys=[pathlib.Path(tmp) / "signer.pub"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -369,14 +494,16 @@ def write_bundle(out_dir: PathLike, *, bundle_id: str, encoder_state: Mapping[st
         if any(out.iterdir()) and not overwrite:
             raise BundleError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace it")
 
+    import torch
+    from safetensors.torch import save as st_save
     state = {}
     for k, v in encoder_state.items():
         if not isinstance(v, torch.Tensor):
             raise BundleError(f"{ENCODER_FILE}: encoder_state[{k!r}] is not a tensor")
         state[k] = v.detach().to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
     tree_data, booster = _tree_bytes(tree_model)
-    _check_compat(schema, encoder_config, state, booster)
-    blobs = {ENCODER_FILE: _st_save(state), TREES_FILE: tree_data}
+    _check_compat(schema, encoder_config, state, _booster_header(booster))
+    blobs = {ENCODER_FILE: st_save(state), TREES_FILE: tree_data}
     for name, value in sorted(extra_files.items()):
         _check_rel_path(name)
         if name in _RESERVED:
@@ -461,10 +588,12 @@ def create_from_parts(out_dir: PathLike, *, trees: PathLike, encoder_weights: Pa
                       encoder_config: PathLike, feature_schema: PathLike, policy: PathLike,
                       bundle_id: str | None = None, tree_version: str | None = None,
                       model_card: PathLike | None = None, model_card_md: PathLike | None = None,
+                      request_limits: PathLike | None = None,
                       created_by: str = DEFAULT_CREATED_BY, overwrite: bool = False) -> Bundle:
     """Build a bundle from externally trained parts on disk (backs `uwrt bundle create`).
 
-    Shortcut for: read the three JSON files with `EncoderConfig/FeatureSchema/Policy.from_dict`,
+    Shortcut for: read the three JSON files with `EncoderConfig/FeatureSchema/Policy.from_dict`
+    (`request_limits`, a RequestLimits JSON file, replaces the schema's "limits"),
     `safetensors.torch.load_file(encoder_weights)`, then `write_bundle(...)` (which validates
     everything before writing). Defaults: `tree_version` = "<trees file stem>-<sha256[:8]>",
     `bundle_id` = "uwrt-<sha256[:12]>" over the parts, so identical parts give identical ids.
@@ -472,13 +601,17 @@ def create_from_parts(out_dir: PathLike, *, trees: PathLike, encoder_weights: Pa
     """
     try:
         cfg = EncoderConfig.from_dict(_read_json(encoder_config, "encoder config"))
-        schema = FeatureSchema.from_dict(_read_json(feature_schema, "feature schema"))
+        schema_doc = _read_json(feature_schema, "feature schema")
+        if request_limits is not None:
+            schema_doc["limits"] = _read_json(request_limits, "request limits")
+        schema = FeatureSchema.from_dict(schema_doc)
         pol = Policy.from_dict(_read_json(policy, "policy"))
     except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"invalid encoder config / feature schema / policy: {e}") from None
+        raise BundleError(f"invalid encoder config / feature schema (or request limits) / policy: {e}") from None
     try:
+        from safetensors.torch import load as st_load
         w = pathlib.Path(encoder_weights).read_bytes()
-        state = _st_load(w)
+        state = st_load(w)
     except OSError as e:
         raise BundleError(f"encoder weights {encoder_weights}: cannot read: {e}") from None
     except Exception as e:  # safetensors' own error type

@@ -95,8 +95,17 @@ def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = 
         if only is not None and leaf not in only:
             continue
         conv = (lambda t: tuple(int(x) for x in t.split(","))) if typ not in (int, float, str) else typ
+        if typ is bool:  # --require-signature true|false (None = not given, so file/env apply)
+            conv = _bool_flag
         g.add_argument("--" + leaf.replace("_", "-"), dest=f"knob_{leaf}", type=conv, default=None,
                        help=f"{doc} (default {default})".replace("%", "%%"))
+
+
+def _bool_flag(text: str) -> bool:
+    v = text.strip().lower()
+    if v not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return v in ("1", "true", "yes", "on")
 
 
 def config_from_args(args: argparse.Namespace) -> RuntimeConfig:

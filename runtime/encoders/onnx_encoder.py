@@ -21,11 +21,15 @@ Every linear layer pads its input to at least MIN_GEMM_ROWS rows inside the grap
 runtime/encoders/torch_encoder.py); GELU is the exact erf form, LayerNorm the ONNX LayerNormalization op.
 
 Export cache: the .onnx file lives in the bundle's reserved `cache/onnx/` directory (or, when
-the bundle is read-only, `$XDG_CACHE_HOME/uwrt/onnx`, default `~/.cache/uwrt/onnx`), named by
-a key over the encoder weights and config (the encoder digest), EXPORT_VERSION, the opset and
-the optimization level; a JSON sidecar records the file's SHA-256 and the bundle digest. A
-file that fails its digest or does not load is logged (logger "uwrt.encoder.onnx") and
-re-exported.
+that is read-only, owned by another user or group/world writable, `$XDG_CACHE_HOME/uwrt/onnx`,
+default `~/.cache/uwrt/onnx`), named by a key over the encoder weights and config (the encoder
+digest), EXPORT_VERSION, the opset and the optimization level; a JSON sidecar records the key,
+the file's size and SHA-256, the bundle digest and `mac`, an HMAC under the server user's cache
+key (runtime/bundle/cache_trust.py). An entry is used only if both files are regular files
+owned by the server user and not group/world writable, the MAC verifies (this user exported it)
+and the bytes read match the sidecar; those exact bytes go to ONNX Runtime. Anything else is
+logged (logger "uwrt.encoder.onnx"), counted (`cache_stats()`) and re-exported; without a
+usable cache key nothing is cached.
 
 Optimization levels (`onnx_optimization`): "none" (ORT graph optimizations off), "ort"
 (ORT_ENABLE_ALL: constant folding, Gelu / LayerNorm / MatMul+Add fusions at session creation),
@@ -56,6 +60,7 @@ import numpy as np
 import torch
 
 from uwrt.kernels.reference import MIN_BUCKET, bucket_length, bucket_plan
+from uwrt.runtime.bundle import cache_trust
 from uwrt.runtime.bundle.schema import EncoderConfig, check_state_dict
 from uwrt.runtime.encoders.torch_encoder import MIN_GEMM_ROWS
 from uwrt.runtime.featurize import PackedEvents
@@ -286,21 +291,62 @@ def _writable_dir(path: pathlib.Path) -> bool:
 
 
 def cache_dir_for(bundle_path: os.PathLike | str | None, override: str = "") -> pathlib.Path | None:
-    """Where exports are cached: `override` if given, else the bundle's cache/onnx if writable,
-    else the user cache dir (None if nothing is writable: export in memory only)."""
+    """Where exports are cached: `override` if given, else the bundle's cache/onnx, else the
+    user cache dir: the first that is writable and trusted (owned by this user, not
+    group/world writable; an untrusted one is skipped with a warning, counted). None if
+    nothing qualifies: export in memory only."""
     cands = [pathlib.Path(override)] if override else []
     if bundle_path is not None and not override:
         cands.append(pathlib.Path(bundle_path) / "cache" / CACHE_SUBDIR)
     if not override:
         cands.append(user_cache_dir())
     for c in cands:
-        if _writable_dir(c):
-            return c
-        log.info("ONNX export cache: %s is not writable", c)
+        if not _writable_dir(c):
+            log.info("ONNX export cache: %s is not writable", c)
+            continue
+        why = cache_trust.untrusted_dir_reason(c)
+        if why:
+            log.warning("ONNX export cache: %s skipped: %s", c, why)
+            _count("untrusted_dirs")
+            cache_trust.count("untrusted_dirs")
+            continue
+        return c
     return None
 
 
-_CACHE_LOCK = threading.Lock()
+_CACHE_LOCK = threading.Lock()        # one export at a time per process
+_STATS_LOCK = threading.Lock()
+_stats = {"hits": 0, "exports": 0, "rejected": 0, "untrusted": 0, "untrusted_dirs": 0, "uncached": 0}
+
+
+def cache_stats() -> dict[str, int]:
+    """Process-wide export-cache counters: hits, exports (written to a cache), rejected
+    (entries refused: corrupt or untrusted), untrusted (of those, MAC or ownership), untrusted_dirs,
+    uncached (exports not cached: no cache dir, no usable key, or a failed write). Thread safe."""
+    with _STATS_LOCK:
+        return dict(_stats)
+
+
+def _count(name: str) -> None:
+    with _STATS_LOCK:
+        _stats[name] += 1
+
+
+def _read_entry(model_path: pathlib.Path, meta_path: pathlib.Path, key: str, mac_key: bytes) -> bytes:
+    """The cached model's bytes if the entry is trusted and intact; ValueError (UntrustedCacheFile
+    for ownership/mode problems) naming the reason otherwise."""
+    meta = json.loads(cache_trust.read_trusted_file(meta_path, 1 << 20))
+    if not isinstance(meta, dict):
+        raise ValueError("sidecar is not a JSON object")
+    if not cache_trust.verify_meta(mac_key, meta):
+        raise cache_trust.UntrustedCacheFile("sidecar MAC does not verify (exported by another user or key, "
+                                             "or tampered)")
+    if meta.get("key") != key:
+        raise ValueError("sidecar is for another key")
+    data = cache_trust.read_trusted_file(model_path)
+    if meta.get("bytes") != len(data) or meta.get("sha256") != hashlib.sha256(data).hexdigest():
+        raise ValueError("digest mismatch")
+    return data
 
 
 def load_or_export(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], *, cache_dir: pathlib.Path | None,
@@ -318,34 +364,48 @@ def load_or_export(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], *, cac
             log.info("ONNX transformer optimizer fused: %s", fused or "nothing")
         return model
 
-    if cache_dir is None:
+    mac_key = None
+    if cache_dir is not None:
+        try:
+            mac_key = cache_trust.cache_key()
+        except cache_trust.CacheTrustError as e:
+            log.error("ONNX export cache: %s; the export is not cached or reused", e)
+            cache_trust.count("key_errors")
+    if cache_dir is None or mac_key is None:
+        _count("uncached")
         return build(), "export-uncached"
     model_path = cache_dir / f"encoder-{key[:24]}.onnx"
     meta_path = model_path.with_suffix(".json")
     with _CACHE_LOCK:
-        if model_path.exists() or meta_path.exists():
+        if os.path.lexists(model_path) or os.path.lexists(meta_path):
             try:
-                meta = json.loads(meta_path.read_text())
-                data = model_path.read_bytes()
-                if meta.get("key") != key or meta.get("sha256") != hashlib.sha256(data).hexdigest():
-                    raise ValueError("digest mismatch")
+                data = _read_entry(model_path, meta_path, key, mac_key)
+                _count("hits")
                 return data, "cache"
-            except (OSError, ValueError) as e:
-                log.warning("ONNX export cache entry %s is corrupt (%s): re-exporting", model_path, e)
+            except (OSError, ValueError) as e:   # json.JSONDecodeError and UntrustedCacheFile are ValueErrors
+                log.warning("ONNX export cache entry %s rejected, corrupt or untrusted (%s): re-exporting",
+                            model_path, e)
+                _count("rejected")
+                if isinstance(e, cache_trust.UntrustedCacheFile):
+                    _count("untrusted")
+                    cache_trust.count("untrusted_entries")
         data = build()
         meta = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                 "export_version": EXPORT_VERSION, "opset": OPSET, "optimization": optimization, "attention": attention,
                 "bundle_digest": bundle_digest}
+        meta["mac"] = cache_trust.sign_meta(mac_key, meta)
         try:
             for path, payload in ((model_path, data), (meta_path, json.dumps(meta, indent=1).encode())):
-                fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-")
+                fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-")    # mode 0600
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(payload)
                 os.replace(tmp, path)                     # atomic: readers see old or new, never half
         except OSError as e:
             log.warning("ONNX export cache: cannot write %s (%s); using the export uncached", model_path, e)
+            _count("uncached")
             return data, "export-uncached"
         log.info("ONNX export cached at %s", model_path)
+        _count("exports")
         return data, "export"
 
 

@@ -15,13 +15,23 @@ One primitive::
   Python SOABI and `CACHE_FORMAT`. Two processes/machines agree on a key iff all of these do.
 * An entry is the directory `<cache_dir>/<name>-<key[:24]>/` holding `lib<name>-<sha[:12]>.so`
   and `meta.json` (key, key_parts, the .so's file name, size and sha256, compiler, flags, build
-  time). Loading re-hashes the .so against meta.json before `dlopen`; a missing/corrupt meta,
-  wrong key, or size/hash mismatch is logged (logger "uwrt.native"), counted
-  (`cache_stats()["corrupt"]`), moved aside and rebuilt.
-* `cache_dirs` are tried in order: the first that holds a valid entry is used; on a miss the
-  library is built into the first directory that is writable (a read-only bundle `cache/` falls
-  through to the user cache, see `default_cache_dirs`). `CachedLibrary.cache_dir` says which
-  one was used, `CachedLibrary.built` whether this call compiled.
+  time, and `mac`: HMAC-SHA256 under the server user's cache key, runtime/bundle/cache_trust.py).
+  Loading checks, before anything is loaded: the entry directory and its files are owned by the
+  server user and not group/world writable, meta.json's MAC verifies (so this user built it),
+  the key matches, and the .so's bytes match meta.json's size and sha256; then exactly those
+  bytes are copied into a private directory (`cache_trust.private_dir()`) and `dlopen`ed from
+  there (`CachedLibrary.path`; `CachedLibrary.entry` is the cache's copy). `dlopen` runs a
+  library's constructors, so nothing unverified is ever opened. A rejected entry is logged
+  (logger "uwrt.native"), counted (`cache_stats()["corrupt"]`, and `["untrusted"]` when the
+  MAC or ownership failed), moved aside and rebuilt.
+* `cache_dirs` are tried in order: a directory owned by another user or writable by
+  group/others is skipped with a warning (counted `untrusted_dirs`); the first trusted one
+  holding a valid entry is used; on a miss the library is built into the first trusted
+  directory that is writable (a read-only bundle `cache/`, or one built by another user, falls
+  through to the user cache, see `default_cache_dirs`). With no usable directory, or no usable
+  cache key, the library is built in the private directory and not cached (logged, counted
+  `uncached_builds`). `CachedLibrary.cache_dir` says which directory was used,
+  `CachedLibrary.built` whether this call compiled.
 * Writes are atomic: the entry is built in a temp directory inside the cache directory and
   renamed into place; a concurrent builder of the same key waits on a per-key `flock` and then
   loads the winner's entry instead of compiling twice (if locking is unavailable both compile
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import json
@@ -45,6 +56,7 @@ import os
 import pathlib
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -55,6 +67,8 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from uwrt.runtime.bundle import cache_trust
+
 __all__ = ["CACHE_FORMAT", "DEFAULT_CFLAGS", "CachedLibrary", "NativeBuildError",
            "build_shared_library", "default_cache_dirs", "cache_stats", "reset_cache_stats",
            "sha256_bytes"]
@@ -62,7 +76,7 @@ __all__ = ["CACHE_FORMAT", "DEFAULT_CFLAGS", "CachedLibrary", "NativeBuildError"
 log = logging.getLogger("uwrt.native")
 
 #: Bumped when the entry layout or the key recipe changes (old entries then simply miss).
-CACHE_FORMAT = "uwrt-native-cache-1"
+CACHE_FORMAT = "uwrt-native-cache-2"
 DEFAULT_CFLAGS: tuple[str, ...] = ("-O3", "-fPIC", "-std=c99", "-fno-strict-aliasing")
 PROGRESS_EVERY_S = 10.0
 _META = "meta.json"
@@ -72,7 +86,8 @@ SourceArg = Sources | Callable[[], Sources]
 Progress = Callable[[str], None]
 
 _stats_lock = threading.Lock()
-_stats = {"hits": 0, "misses": 0, "builds": 0, "corrupt": 0, "build_failures": 0, "unwritable_dirs": 0}
+_stats = {"hits": 0, "misses": 0, "builds": 0, "corrupt": 0, "untrusted": 0, "build_failures": 0,
+          "unwritable_dirs": 0, "untrusted_dirs": 0, "uncached_builds": 0}
 
 
 class NativeBuildError(RuntimeError):
@@ -81,19 +96,24 @@ class NativeBuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class CachedLibrary:
-    """A loaded cache entry: `lib` is the `ctypes.CDLL`, `path` the .so inside the entry,
-    `cache_dir` the cache directory it lives in, `built` True iff this call compiled it."""
+    """A loaded cache entry: `lib` is the `ctypes.CDLL`, `path` the verified copy it was loaded
+    from (in the process's private directory; load it again only from there), `entry` the .so
+    inside the cache entry, `cache_dir` the cache directory it lives in, `built` True iff this
+    call compiled it."""
     path: pathlib.Path
     key: str
     meta: dict
     lib: ctypes.CDLL = field(repr=False)
     cache_dir: pathlib.Path
     built: bool
+    entry: pathlib.Path | None = None
 
 
 def cache_stats() -> dict[str, int]:
-    """Process-wide counters: hits, misses, builds, corrupt (entries rejected on load),
-    build_failures, unwritable_dirs. Thread safe."""
+    """Process-wide counters: hits, misses, builds, corrupt (entries rejected on load, for any
+    reason), untrusted (of those, rejected for their MAC or ownership), build_failures,
+    unwritable_dirs, untrusted_dirs (cache dirs skipped: another owner, group/world writable),
+    uncached_builds (built in the private directory: no usable cache dir or key). Thread safe."""
     with _stats_lock:
         return dict(_stats)
 
@@ -183,29 +203,55 @@ def _entry_dir(cache_dir: pathlib.Path, name: str, key: str) -> pathlib.Path:
     return cache_dir / f"{name}-{key[:24]}"
 
 
-def _verify_entry(entry: pathlib.Path, key: str) -> tuple[pathlib.Path, dict] | str:
-    """(so path, meta) for a valid entry, else a reason string."""
+class _Rejected(Exception):
+    """A cache entry that must not be used; `untrusted` when its MAC or ownership failed."""
+
+    def __init__(self, why: str, *, untrusted: bool = False) -> None:
+        super().__init__(why)
+        self.untrusted = untrusted
+
+
+def _verify_entry(entry: pathlib.Path, key: str, mac_key: bytes | None) -> tuple[pathlib.Path, dict, bytes]:
+    """(so path in the entry, meta, the .so's verified bytes) or _Rejected. `mac_key` None: an
+    entry this process just built in its private directory (nothing to authenticate)."""
     try:
-        meta = json.loads((entry / _META).read_text())
+        st = os.lstat(entry)
+    except OSError as e:
+        raise _Rejected(f"cannot stat: {e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise _Rejected("not a directory", untrusted=True)
+    why = cache_trust.untrusted_dir_reason(entry)
+    if why:
+        raise _Rejected(why, untrusted=True)
+    try:
+        raw = cache_trust.read_trusted_file(entry / _META, 1 << 20)
     except FileNotFoundError:
-        return "meta.json missing"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"meta.json unreadable: {e}"
+        raise _Rejected("meta.json missing") from None
+    except ValueError as e:
+        raise _Rejected(str(e), untrusted=isinstance(e, cache_trust.UntrustedCacheFile)) from None
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _Rejected(f"meta.json unreadable: {e}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("so_file"), str) or "/" in meta["so_file"]:
-        return "meta.json malformed"
+        raise _Rejected("meta.json malformed")
+    if mac_key is not None and not cache_trust.verify_meta(mac_key, meta):
+        raise _Rejected("meta.json MAC does not verify (built by another user or key, or tampered)", untrusted=True)
     if meta.get("key") != key or meta.get("format") != CACHE_FORMAT:
-        return "meta.json key/format mismatch"
+        raise _Rejected("meta.json key/format mismatch")
     so = entry / meta["so_file"]
     try:
-        size = so.stat().st_size
-    except OSError:
-        return f"{meta['so_file']} missing"
-    if size != meta.get("so_bytes"):
-        return f"{meta['so_file']}: {size} bytes, meta.json says {meta.get('so_bytes')}"
-    digest = _sha256_file(so)
+        data = cache_trust.read_trusted_file(so)
+    except FileNotFoundError:
+        raise _Rejected(f"{meta['so_file']} missing") from None
+    except ValueError as e:
+        raise _Rejected(f"{meta['so_file']}: {e}", untrusted=isinstance(e, cache_trust.UntrustedCacheFile)) from None
+    if len(data) != meta.get("so_bytes"):
+        raise _Rejected(f"{meta['so_file']}: {len(data)} bytes, meta.json says {meta.get('so_bytes')}")
+    digest = sha256_bytes(data)
     if digest != meta.get("so_sha256"):
-        return f"{meta['so_file']}: sha256 {digest[:12]}... != meta.json {str(meta.get('so_sha256'))[:12]}..."
-    return so, meta
+        raise _Rejected(f"{meta['so_file']}: sha256 {digest[:12]}... != meta.json {str(meta.get('so_sha256'))[:12]}...")
+    return so, meta, data
 
 
 def _discard(entry: pathlib.Path) -> None:
@@ -218,27 +264,45 @@ def _discard(entry: pathlib.Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _try_load(cache_dir: pathlib.Path, name: str, key: str, *, discard_bad: bool) -> CachedLibrary | None:
+def _private_copy(data: bytes, meta: dict) -> pathlib.Path:
+    """Write verified library bytes into the private directory (once per content) and return the path."""
+    d = cache_trust.private_dir()
+    path = d / f"lib{meta.get('name', 'lib')}-{meta['so_sha256']}.so"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o500)
+        os.replace(tmp, path)
+    return path
+
+
+def _try_load(cache_dir: pathlib.Path, name: str, key: str, mac_key: bytes | None, *,
+              discard_bad: bool) -> CachedLibrary | None:
     entry = _entry_dir(cache_dir, name, key)
-    if not entry.exists():
+    if not os.path.lexists(entry):
         return None
-    res = _verify_entry(entry, key)
-    if isinstance(res, str):
-        log.warning("native cache: entry %s rejected (%s); it will be rebuilt", entry, res)
+    try:
+        so, meta, data = _verify_entry(entry, key, mac_key)
+    except _Rejected as rej:
+        log.warning("native cache: entry %s rejected (%s); it will be rebuilt", entry, rej)
         _count("corrupt")
+        if rej.untrusted:
+            _count("untrusted")
+            cache_trust.count("untrusted_entries")
         if discard_bad:
             _discard(entry)
         return None
-    so, meta = res
+    loaded = so if mac_key is None else _private_copy(data, meta)
     try:
-        lib = ctypes.CDLL(str(so))
+        lib = ctypes.CDLL(str(loaded))
     except OSError as e:
         log.warning("native cache: entry %s verified but dlopen failed (%s); it will be rebuilt", entry, e)
         _count("corrupt")
         if discard_bad:
             _discard(entry)
         return None
-    return CachedLibrary(path=so, key=key, meta=meta, lib=lib, cache_dir=cache_dir, built=False)
+    return CachedLibrary(path=loaded, key=key, meta=meta, lib=lib, cache_dir=cache_dir, built=False, entry=so)
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,7 +310,7 @@ def _try_load(cache_dir: pathlib.Path, name: str, key: str, *, discard_bad: bool
 
 def _writable(d: pathlib.Path) -> bool:
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o755, parents=True, exist_ok=True)   # never group/world writable, whatever the umask
         probe = tempfile.NamedTemporaryFile(dir=d, prefix=".probe-", delete=True)
         probe.close()
         return True
@@ -304,7 +368,7 @@ def _run_jobs(cmds: list[list[str]], cwd: pathlib.Path, jobs: int, progress: Pro
 
 def _build(cache_dir: pathlib.Path, name: str, key: str, key_parts: Mapping[str, str], sources: Sources,
            cc_path: str, cc_version: str, cflags: list[str], ldflags: list[str], jobs: int,
-           progress: Progress) -> pathlib.Path:
+           progress: Progress, mac_key: bytes | None) -> pathlib.Path:
     """Compile into a temp dir inside cache_dir, then rename it to the entry dir. Returns the entry."""
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=cache_dir))
     try:
@@ -340,10 +404,14 @@ def _build(cache_dir: pathlib.Path, name: str, key: str, key_parts: Mapping[str,
                 "cc_version": cc_version.splitlines()[0] if cc_version else "", "cflags": cflags,
                 "ldflags": ldflags, "platform": _platform_identity(), "build_seconds": round(seconds, 2),
                 "source_bytes": nbytes, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if mac_key is not None:
+            meta["mac"] = cache_trust.sign_meta(mac_key, meta)
         with open(tmp / _META, "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp / _META, 0o644)       # explicit modes: a umask of 002 must not make them group writable
+        os.chmod(tmp / so_file, 0o755)
         os.chmod(tmp, 0o755)
         entry = _entry_dir(cache_dir, name, key)
         try:
@@ -382,26 +450,41 @@ def build_shared_library(name: str, c_sources: SourceArg, key_parts: Mapping[str
     dirs = [pathlib.Path(d).absolute() for d in cache_dirs]  # gcc runs in a temp cwd
     if not dirs:
         raise ValueError("cache_dirs is empty")
+    mac_key = _mac_key()
 
-    for d in dirs:  # fast path, no lock: a hit anywhere
-        hit = _try_load(d, name, key, discard_bad=os.access(d, os.W_OK))
-        if hit is not None:
-            _count("hits")
-            return hit
+    trusted = []
+    for d in dirs:
+        why = cache_trust.untrusted_dir_reason(d) if d.exists() else None
+        if why and d.is_dir():
+            log.warning("native cache: %s skipped: %s; trying the next cache dir", d, why)
+            _count("untrusted_dirs")
+            cache_trust.count("untrusted_dirs")
+            continue
+        trusted.append(d)
+    if mac_key is not None:
+        for d in trusted:  # fast path, no lock: a hit anywhere
+            if d.is_dir():
+                hit = _try_load(d, name, key, mac_key, discard_bad=os.access(d, os.W_OK))
+                if hit is not None:
+                    _count("hits")
+                    return hit
 
     target = None
-    for d in dirs:
-        if _writable(d):
-            target = d
-            break
-        log.warning("native cache: %s is not writable; trying the next cache dir", d)
-        _count("unwritable_dirs")
+    if mac_key is not None:
+        for d in trusted:
+            if _writable(d) and cache_trust.untrusted_dir_reason(d) is None:
+                target = d
+                break
+            log.warning("native cache: %s is not writable; trying the next cache dir", d)
+            _count("unwritable_dirs")
     if target is None:
-        _count("build_failures")
-        raise NativeBuildError(f"no writable cache dir for {name} among {[str(d) for d in dirs]}")
+        log.warning("native cache: no usable cache dir among %s%s: building %s uncached, in a private directory",
+                    [str(d) for d in dirs], "" if mac_key is not None else " (no usable cache key)", name)
+        _count("uncached_builds")
+        target, mac_key = cache_trust.private_dir(), None
 
     with _KeyLock(target / f".{name}-{key[:24]}.lock"):
-        hit = _try_load(target, name, key, discard_bad=True)  # someone may have built it meanwhile
+        hit = _try_load(target, name, key, mac_key, discard_bad=True)  # someone may have built it meanwhile
         if hit is not None:
             _count("hits")
             return hit
@@ -413,7 +496,7 @@ def build_shared_library(name: str, c_sources: SourceArg, key_parts: Mapping[str
                 sources = dict(c_sources())  # type: ignore[operator]
                 progress(f"generated C for {name} in {time.monotonic() - t0:.1f} s")
             _build(target, name, key, key_parts, sources, cc_path, cc_version, cflags, ldflags,
-                   jobs or os.cpu_count() or 1, progress)
+                   jobs or os.cpu_count() or 1, progress, mac_key)
         except NativeBuildError:
             _count("build_failures")
             raise
@@ -421,8 +504,18 @@ def build_shared_library(name: str, c_sources: SourceArg, key_parts: Mapping[str
             _count("build_failures")
             raise NativeBuildError(f"building {name} failed: {type(e).__name__}: {e}") from e
         _count("builds")
-        loaded = _try_load(target, name, key, discard_bad=True)
+        loaded = _try_load(target, name, key, mac_key, discard_bad=True)
     if loaded is None:
         _count("build_failures")
         raise NativeBuildError(f"{name}: freshly built entry in {target} failed verification/loading")
-    return CachedLibrary(path=loaded.path, key=key, meta=loaded.meta, lib=loaded.lib, cache_dir=target, built=True)
+    return dataclasses.replace(loaded, built=True)
+
+
+def _mac_key() -> bytes | None:
+    """The cache key, or None (logged at ERROR, counted) when it cannot be used safely."""
+    try:
+        return cache_trust.cache_key()
+    except cache_trust.CacheTrustError as e:
+        log.error("native cache: %s; compiled libraries will not be cached or reused", e)
+        cache_trust.count("key_errors")
+        return None

@@ -4,13 +4,16 @@ import numpy as np
 import pytest
 
 from tests.factories import AS_OF, make_request
-from uwrt.runtime.bundle.schema import EncoderConfig, FeatureSchema, FeatureSpec
+from uwrt.runtime.bundle.schema import EncoderConfig, FeatureSchema, FeatureSpec, RequestLimits
 from uwrt.runtime.errors import InvalidRequest
 from uwrt.runtime.featurize import Limits, featurize, hash_mcc
 from uwrt.runtime.pb import pb
 
+# the factory's requests carry no applicant features unless asked: this schema imputes any number
+# (the default limit, half of them, is tested in test_request_limits.py)
 SCHEMA = FeatureSchema.build("t1", [FeatureSpec("bureau_score", "applicant", 650.0, "BUREAU", 300, 850),
-                                    FeatureSpec("dti", "applicant", 0.3, "DEBT")], 32)
+                                    FeatureSpec("dti", "applicant", 0.3, "DEBT")], 32,
+                             limits=RequestLimits(max_imputed_share=1.0))
 ENC = EncoderConfig(max_history=16)
 
 

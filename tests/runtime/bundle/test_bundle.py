@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import pathlib
 
 import numpy as np
 import pytest
@@ -13,71 +11,17 @@ import torch
 import xgboost as xgb
 from safetensors.torch import save_file
 
+from tests.runtime.bundle.helpers import CFG, EMB_DIM, POLICY, SCHEMA
+from tests.runtime.bundle.helpers import booster as _booster
+from tests.runtime.bundle.helpers import flip_byte as _flip_byte
+from tests.runtime.bundle.helpers import manifest as _manifest
+from tests.runtime.bundle.helpers import save_manifest as _save_manifest
+from tests.runtime.bundle.helpers import write_test_bundle as _write
 from uwrt.runtime.bundle import bundle as bmod
-from uwrt.runtime.bundle.bundle import Bundle, compute_digest, export_parts, load_bundle, write_bundle
-from uwrt.runtime.bundle.schema import EncoderConfig, FeatureSchema, FeatureSpec, Policy
+from uwrt.runtime.bundle.bundle import export_parts, load_bundle
+from uwrt.runtime.bundle.schema import FeatureSchema, Policy, RequestLimits
 from uwrt.runtime.cli.bundle import register
-from uwrt.runtime.encoders.torch_encoder import SequenceEncoder
 from uwrt.runtime.errors import BundleError
-
-EMB_DIM = 4
-CFG = EncoderConfig(version="enc-test", d_model=16, n_layers=1, n_heads=2, d_ff=32, emb_dim=EMB_DIM,
-                    type_emb_dim=4, mcc_buckets=8, mcc_emb_dim=4, max_history=16)
-SCHEMA = FeatureSchema.build("fs-test", [
-    FeatureSpec("bureau_score", "applicant", 650.0, "CREDIT_SCORE", 300.0, 850.0),
-    FeatureSpec("dti", "applicant", 0.3, "DEBT_TO_INCOME"),
-], EMB_DIM)
-POLICY = Policy(reason_texts={"CREDIT_SCORE": "Credit score too low"})
-CARD = {"name": "test model", "intended_use": "tests only"}
-
-
-def _booster(n_features: int, seed: int = 0) -> xgb.Booster:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(64, n_features)).astype(np.float32)
-    y = (x[:, 0] + rng.normal(size=64) > 0).astype(np.float32)
-    return xgb.train({"objective": "binary:logistic", "max_depth": 2, "nthread": 1},
-                     xgb.DMatrix(x, y), num_boost_round=3)
-
-
-@pytest.fixture(scope="module")
-def parts():
-    torch.manual_seed(0)
-    return {"encoder_state": SequenceEncoder(CFG).state_dict(), "tree_model": _booster(len(SCHEMA.features))}
-
-
-def _write(out: pathlib.Path, parts, **kw) -> Bundle:
-    args = dict(bundle_id="b-test", encoder_state=parts["encoder_state"], encoder_config=CFG,
-                tree_model=parts["tree_model"], tree_version="trees-1", schema=SCHEMA, policy=POLICY,
-                extra_files={"model_card.json": json.dumps(CARD), "model_card.md": "# Test model\n"})
-    args.update(kw)
-    return write_bundle(out, **args)
-
-
-@pytest.fixture
-def bundle(tmp_path, parts) -> Bundle:
-    return _write(tmp_path / "bundle", parts)
-
-
-def _manifest(path: pathlib.Path) -> dict:
-    return json.loads((path / "manifest.json").read_text())
-
-
-def _save_manifest(path: pathlib.Path, m: dict, *, redigest: bool) -> None:
-    """Rewrite manifest.json; with redigest, refresh files' hashes and the digest, as a hand-built
-    (internally consistent but incompatible) bundle would have them."""
-    if redigest:
-        for rel in m["files"]:
-            data = (path / rel).read_bytes()
-            m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        m["bundle_digest"] = compute_digest(m)
-    (path / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True))
-
-
-def _flip_byte(p: pathlib.Path) -> None:
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    p.write_bytes(bytes(data))
-
 
 # ---------------------------------------------------------------------------- round trip
 
@@ -221,16 +165,31 @@ def test_format_version(bundle, redigest):
         load_bundle(bundle.path)
 
 
-def test_unlisted_files_warn_cache_ignored(bundle, caplog):
+def test_undeclared_files_refused_cache_ignored(bundle, caplog):
     (bundle.path / "cache" / "inductor").mkdir(parents=True)
     (bundle.path / "cache" / "inductor" / "blob.bin").write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger="uwrt.bundle"):
         load_bundle(bundle.path)
     assert not caplog.records
     (bundle.path / "notes.txt").write_text("stray")
-    with caplog.at_level(logging.WARNING, logger="uwrt.bundle"):
+    with pytest.raises(BundleError, match=r"^notes.txt: not declared in manifest.json"):
         load_bundle(bundle.path)
-    assert [r.name for r in caplog.records] == ["uwrt.bundle"] and "notes.txt" in caplog.text
+    (bundle.path / "notes.txt").unlink()
+    (bundle.path / "extra" / "deep").mkdir(parents=True)
+    with pytest.raises(BundleError, match=r"^extra/: not declared"):
+        load_bundle(bundle.path)
+    (bundle.path / "extra" / "deep").rmdir()
+    (bundle.path / "extra").rmdir()
+    load_bundle(bundle.path)
+
+
+def test_symlinked_file_refused(bundle, tmp_path):
+    real = tmp_path / "card.md"
+    real.write_bytes((bundle.path / "model_card.md").read_bytes())
+    (bundle.path / "model_card.md").unlink()
+    (bundle.path / "model_card.md").symlink_to(real)
+    with pytest.raises(BundleError, match="model_card.md: must be a regular file, not a symbolic link"):
+        load_bundle(bundle.path)
 
 
 # ---------------------------------------------------------------------------- compatibility
@@ -361,3 +320,38 @@ def test_cli_inspect_tampered(bundle, capsys):
     assert _cli(["bundle", "inspect", str(bundle.path), "--json"]) == 2
     doc = json.loads(capsys.readouterr().out)
     assert doc["verified"] is False and "trees.ubj" in doc["error"]
+
+
+def test_cli_create_with_request_limits_and_inspect_shows_them(tmp_path, bundle, capsys):
+    parts = export_parts(bundle, tmp_path / "parts")
+    assert json.loads(parts["feature_schema"].read_text())["limits"]["currencies"] == {"USD": 2}
+    limits = {"currencies": {"EUR": 2, "USD": 2}, "amount_min_major": 5, "amount_max_major": 2500,
+              "installments": {"PAY_IN_4": [4, 4]}, "required_features": ["bureau_score"], "max_imputed_share": 0.25}
+    (tmp_path / "limits.json").write_text(json.dumps(limits))
+    base = ["bundle", "create", "--trees", str(parts["trees"]), "--encoder-weights", str(parts["encoder_weights"]),
+            "--encoder-config", str(parts["encoder_config"]), "--feature-schema", str(parts["feature_schema"]),
+            "--policy", str(parts["policy"])]
+    assert _cli(base + ["--out", str(tmp_path / "b"), "--request-limits", str(tmp_path / "limits.json")]) == 0
+    b = load_bundle(tmp_path / "b")
+    assert b.schema.limits.required_features == ("bureau_score",) and b.schema.limits.amount_range_minor() == (
+        500, 250_000)
+    capsys.readouterr()
+    assert _cli(["bundle", "inspect", str(tmp_path / "b")]) == 0
+    text = capsys.readouterr().out
+    for needle in ("request limits", "EUR (exponent 2), USD (exponent 2)", "5 .. 2500 major units", "PAY_IN_4 4",
+                   "required       bureau_score", "at most 0.25"):
+        assert needle in text, needle
+    assert _cli(["bundle", "inspect", str(tmp_path / "b"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["request_limits"]["installments"] == {"PAY_IN_4": [4, 4]} and doc["request_limits_declared"]
+    # a bundle from before request limits (no "limits" in its manifest): the defaults, said so
+    m = _manifest(bundle.path)
+    del m["feature_schema"]["limits"]
+    _save_manifest(bundle.path, m, redigest=True)
+    assert load_bundle(bundle.path).schema.limits == RequestLimits()
+    assert _cli(["bundle", "inspect", str(bundle.path)]) == 0
+    assert "request limits (defaults: the manifest declares none)" in capsys.readouterr().out
+    # bad limits are refused before anything is written, naming the problem
+    (tmp_path / "bad.json").write_text(json.dumps({"currencies": {"USD": 2, "JPY": 0}}))
+    assert _cli(base + ["--out", str(tmp_path / "c"), "--request-limits", str(tmp_path / "bad.json")]) == 2
+    assert "share one minor-unit exponent" in capsys.readouterr().err and not (tmp_path / "c").exists()
