@@ -2,7 +2,9 @@
 
 The server runs these before reporting SERVING so that the first real requests do not pay
 first-call costs (allocator growth, lazy initialisation; on GPU, CUDA-graph capture per
-bucket). Requests are synthetic but valid for the bundle's schema.
+bucket). Requests are synthetic but valid for the bundle's schema and request limits (its first accepted
+currency, a product it decides at its smallest installment count, an amount inside its range, an
+as_of no earlier than its lower bound, every applicant feature present).
 Thread safety: pure functions.
 """
 from __future__ import annotations
@@ -14,18 +16,25 @@ from uwrt.runtime.pb import pb
 from uwrt.runtime.serving.batching import BatchingConfig
 
 _AS_OF = 1_750_000_000
+_DAY_S = 86_400
 
 
 def warmup_request(schema: FeatureSchema, n_events: int, i: int) -> pb.DecisionRequest:
+    lim = schema.limits
+    # late enough that every event (one a day, newest first) stays after the earliest as_of
+    as_of = max(_AS_OF, lim.as_of_min_unix_s + _DAY_S * (n_events + 2))
+    lo, hi = lim.amount_range_minor()
+    product, n_inst, _ = lim.installments[0]
     r = pb.DecisionRequest(request_id=f"warmup-{n_events}-{i}")
-    r.as_of.seconds = _AS_OF
+    r.as_of.seconds = as_of
     p = r.purchase
-    p.amount_minor, p.currency, p.mcc, p.product, p.installments = 12_000 + 100 * i, "USD", 5411, pb.PAY_IN_4, 4
+    p.amount_minor = min(hi, max(lo, 12_000 + 100 * i))
+    p.currency, p.mcc, p.product, p.installments = lim.currencies[0][0], 5411, pb.Product.Value(product), n_inst
     for f in schema.applicant:
         r.features[f.name] = f.impute_value
     h = r.history
     for k in range(n_events):
-        h.timestamp_unix_s.append(_AS_OF - 86_400 * (k + 1) - i)
+        h.timestamp_unix_s.append(as_of - _DAY_S * (k + 1) - i)
         h.type.append(EVENT_TYPE_IDS[(k + i) % len(EVENT_TYPE_IDS)])
         h.amount_minor.append(1_000 + 37 * k)
         h.mcc.append(5411 + k % 7)
