@@ -107,14 +107,14 @@ def run_server(name: str, args, rates: list[float]) -> dict:
     print(f"   ready on {srv.target} after {start_s:.0f}s", flush=True)
     try:
         import asyncio
-        server_settings = {k: v for k, v in (asyncio.run(loadgen._probe(srv.target, ())) or {}).items()
+        server_settings = {k: v for k, v in (asyncio.run(loadgen.probe(srv.target, ())) or {}).items()
                            if not k.startswith("stats.")}
     except ConnectionError:
         server_settings = {}
     base = StepSpec(rate=rates[0], duration_s=args.duration, arrivals=args.arrivals, timeout_s=args.timeout_ms / 1e3,
                     seed=args.seed)
     src_args = dict(kind="gen", pool=args.pool, seed=args.seed)
-    source = loadgen._make_source(**src_args) if args.procs <= 1 else None
+    source = loadgen.make_source(**src_args) if args.procs <= 1 else None
     rows: list[dict] = []
     limit = args.p99_limit_ms
     print(loadgen.HEADER, flush=True)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--servers takes a comma-separated subset of uwrt,naive,ray")
     if not os.path.exists(os.path.join(args.bundle, "manifest.json")):
         ap.error(f"no bundle at {args.bundle} (build it: uwrt build-demo --out {args.bundle})")
-    rates = loadgen._parse_list(args.rates, float)
+    rates = loadgen.parse_list(args.rates, float)
     t0 = time.monotonic()
     results = []
     for n in names:
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{settings}\n{errors}\n")
     loadgen.write_csv(os.path.join(args.out, "compare.csv"), csv_rows)
     with open(os.path.join(args.out, "compare.json"), "w", encoding="utf-8") as fh:
-        json.dump(loadgen._json_safe(dict(meta=meta, servers=results)), fh, indent=1)
+        json.dump(loadgen.json_safe(dict(meta=meta, servers=results)), fh, indent=1)
     png = os.path.join(args.out, "compare.png")
     try:
         from uwrt.bench.plot import plot_latency_vs_rate

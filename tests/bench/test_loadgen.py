@@ -13,7 +13,7 @@ import pytest
 from uwrt.bench import loadgen
 from uwrt.bench.hist import Histogram
 from uwrt.bench.loadgen import Recorder, StepSpec, drive_open, summarize
-from uwrt.bench.traffic import RequestSource, schedule
+from uwrt.bench.loadgen.traffic import RequestSource, schedule
 from uwrt.runtime.config import RuntimeConfig
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.serving.batching import BatchingConfig
