@@ -171,7 +171,8 @@ def run_server(name: str, args, rates: list[float]) -> dict:
         print(f"   {name} stopped (exit {code})", flush=True)
     common = next((r for r in rows if r["target_rps"] == args.common_rate), None)
     return dict(name=name, command=srv.cmd, target=srv.target, start_s=start_s, exit_code=code,
-                settings=srv.settings_line, server_settings=server_settings, rows=rows, max_rate=loadgen.max_rate_meeting(rows, limit), common=common)
+                settings=srv.settings_line, server_settings=server_settings, rows=rows,
+                max_rate=loadgen.max_rate_meeting(rows, limit), common=common)
 
 
 def _num(v) -> float:

@@ -131,7 +131,7 @@ class Recorder:
             r.ok += 1
             r.lat.record(max(0, int(round((t_done - t_intended) * 1e6))))
             if timing is not None:
-                for k, v in zip(STAGES, timing):
+                for k, v in zip(STAGES, timing, strict=False):     # timing may carry an adverse flag after
                     r.stages[k].record(int(v))
                 if len(timing) > len(STAGES):
                     if timing[len(STAGES)]:

@@ -38,13 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--search", action="store_true",
                       help="find the highest rate whose p99 (failures count as unanswered) stays <= --p99-limit-ms")
     load.add_argument("--p99-limit-ms", type=float, default=10.0, help="latency limit for --search (default 10)")
-    load.add_argument("--search-start", type=float, default=100.0, help="first rate of --search (doubles until it fails)")
-    load.add_argument("--search-steps", type=int, default=4, help="bisection steps after the first failure (default 4)")
+    load.add_argument("--search-start", type=float, default=100.0,
+                      help="first rate of --search (doubles until it fails)")
+    load.add_argument("--search-steps", type=int, default=4,
+                      help="bisection steps after the first failure (default 4)")
     load.add_argument("--duration", type=float, default=10.0, help="seconds per step (default 10)")
     load.add_argument("--warmup", type=float, default=2.0, help="unreported warm-up seconds at the first step's load")
     load.add_argument("--arrivals", choices=["poisson", "constant"], default="poisson")
     load.add_argument("--timeout-ms", type=float, default=1000.0, help="deadline, from the intended send time")
-    load.add_argument("--stream", action="store_true", help="send over one DecideStream per process instead of unary Decide")
+    load.add_argument("--stream", action="store_true",
+                      help="send over one DecideStream per process instead of unary Decide")
     load.add_argument("--rpc", choices=["decide", "health", "info"], default="decide",
                       help="health/info: cheap RPCs that measure the generator's own ceiling")
     load.add_argument("--procs", type=int, default=1, help="generator processes (split the load; default 1)")
@@ -76,7 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.allow_remote and host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
         print(f"error: only loopback targets are allowed, got {args.target}", file=sys.stderr)
         return 2
-    modes = sum(x is not None and x is not False for x in (args.rate, args.rates, args.concurrency, args.search or None))
+    modes = sum(x is not None and x is not False
+                for x in (args.rate, args.rates, args.concurrency, args.search or None))
     if modes > 1:
         print("error: give one of --rate, --rates, --concurrency, --search", file=sys.stderr)
         return 2

@@ -46,7 +46,8 @@ def summarize(spec: StepSpec, raw: StepRaw, *, batches: tuple[int, int] | None =
     row: dict[str, Any] = dict(
         mode="closed" if closed else "open", rpc=spec.rpc, arrivals=None if closed else spec.arrivals,
         concurrency=spec.concurrency if closed else None, target_rps=None if closed else float(spec.rate),
-        duration_s=dur, procs=procs, scheduled=raw.scheduled, sent=raw.sent, achieved_rps=raw.sent / send_s, send_span_s=raw.send_span_s,
+        duration_s=dur, procs=procs, scheduled=raw.scheduled, sent=raw.sent, achieved_rps=raw.sent / send_s,
+        send_span_s=raw.send_span_s,
         completed=raw.ok, completed_rps=raw.ok / dur, error_count=n_err, errors=dict(sorted(raw.errors.items())),
         error_share=n_err / raw.sent if raw.sent else 0.0, unsent=raw.unsent, late_sends=raw.late,
         late_share=raw.late / raw.sent if raw.sent else 0.0,
@@ -79,8 +80,12 @@ HEADER = (f"{'target':>7} {'sent/s':>7} {'ok/s':>7} {'p50':>7} {'p90':>7} {'p99'
           f" {'batch':>5} {'queue':>6} {'enc':>6} {'trees':>6} {'srv':>6} {'cli%':>5} {'us/req':>6}  errors")
 
 
+def _cell(v, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
 def format_row(r: dict) -> str:
-    f = lambda v, spec: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    f = _cell
     s = r["server_mean_us"]
     target = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['target_rps']:.0f}"
     err = ",".join(f"{k}:{v}" for k, v in r["errors"].items()) or "-"

@@ -224,7 +224,7 @@ def test_short_real_run_writes_json_and_csv(live_server, tmp_path):
     doc = json.loads(out.read_text())
     assert doc["meta"]["git"] and doc["meta"]["target"] == live_server.target
     assert len(doc["steps"]) == 2
-    for step, rate in zip(doc["steps"], (20, 40)):
+    for step, rate in zip(doc["steps"], (20, 40), strict=True):
         assert REQUIRED_KEYS <= set(step)
         assert step["target_rps"] == rate and step["errors"] == {} and step["completed"] == step["sent"] > 0
         assert 0 < step["p50_ms"] <= step["p99_ms"] <= step["p999_ms"] <= step["max_ms"]
@@ -245,7 +245,8 @@ def test_jsonl_input(live_server, traffic, tmp_path):
                          "--input", str(path), "--json", str(out), "--quiet"]) == 0
     step = json.loads(out.read_text())["steps"][0]
     assert step["errors"] == {} and step["completed"] == step["sent"] > 0
-    assert loadgen.main(["--target", live_server.target, "--rate", "5", "--input", str(tmp_path / "missing.jsonl")]) == 2
+    missing = str(tmp_path / "missing.jsonl")
+    assert loadgen.main(["--target", live_server.target, "--rate", "5", "--input", missing]) == 2
 
 
 def test_stream_and_closed_loop_against_real_server(live_server, traffic):
@@ -306,7 +307,7 @@ def test_naive_server_answers_like_the_pipeline(pipe, traffic):
         stub = pb_grpc.UnderwritingStub(ch)
         reqs = list(traffic[:40])
         offline = pipe.decide(reqs)
-        for r, o in zip(reqs, offline):
+        for r, o in zip(reqs, offline, strict=True):
             g = stub.Decide(r, timeout=30)
             assert g.request_id == o.request_id and g.outcome == o.outcome
             assert g.probability_of_default == o.probability_of_default   # batch of 1 = same bits (batch invariant)
@@ -366,7 +367,7 @@ def test_ray_peer_answers_like_the_pipeline(small_bundle, pipe, traffic):
         ch = grpc.insecure_channel(srv.target)
         stub = pb_grpc.UnderwritingStub(ch)
         reqs = list(traffic[:12])
-        for r, o in zip(reqs, pipe.decide(reqs)):
+        for r, o in zip(reqs, pipe.decide(reqs), strict=True):
             g = stub.Decide(r, timeout=30)
             assert g.request_id == o.request_id and g.outcome == o.outcome
             assert g.probability_of_default == pytest.approx(o.probability_of_default, abs=1e-6)
