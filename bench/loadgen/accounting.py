@@ -35,6 +35,7 @@ class StepSpec:
     arrivals: str = "poisson"
     concurrency: int = 0               # > 0: closed loop with this many requests in flight
     rpc: str = "decide"                # decide | stream | health | info
+    connections: int = 1               # TCP connections per step (unary RPCs; a stream uses one)
     timeout_s: float = 1.0
     seed: int = 1
     tag: str = "s0"                    # request id infix: unique per step
@@ -46,6 +47,8 @@ class StepSpec:
             raise ValueError("an open-loop step needs rate > 0 (or give concurrency > 0)")
         if self.duration_s <= 0 or self.timeout_s <= 0:
             raise ValueError("duration and timeout must be > 0")
+        if self.connections < 1:
+            raise ValueError("connections must be >= 1")
 
 
 class StepRaw:

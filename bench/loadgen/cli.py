@@ -22,6 +22,8 @@ from uwrt.bench.loadgen.transports import probe
 
 __all__ = ["add_arguments", "parse_list", "cmd_bench", "register", "main"]
 
+DEFAULT_CONNECTIONS = 4
+
 
 def _doc() -> str:
     from uwrt.bench import loadgen
@@ -51,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--rpc", choices=["decide", "health", "info"], default="decide",
                       help="health/info: cheap RPCs that measure the generator's own ceiling")
     load.add_argument("--procs", type=int, default=1, help="generator processes (split the load; default 1)")
+    load.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
+                      help=f"TCP connections the unary requests are spread over, round robin (default "
+                           f"{DEFAULT_CONNECTIONS}; the kernel balances a multi-process server per connection)")
     load.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                       help="gRPC metadata on every call (e.g. application=NAME for a Ray Serve proxy)")
     src = p.add_argument_group("traffic")
@@ -88,6 +93,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.stream and args.rpc != "decide":
         print("error: --stream sends DecideStream; it cannot be combined with --rpc", file=sys.stderr)
         return 2
+    if args.connections < 1:
+        print("error: --connections must be >= 1", file=sys.stderr)
+        return 2
     sweep = SweepSpec(p99_limit_ms=args.p99_limit_ms, search=args.search, search_start=args.search_start,
                       search_steps=args.search_steps, warmup_s=args.warmup)
     if args.concurrency:
@@ -97,7 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif not args.search:
         sweep.rates = [args.rate if args.rate is not None else 100.0]
     base = StepSpec(rate=(sweep.rates or [sweep.search_start])[0], duration_s=args.duration, arrivals=args.arrivals,
-                    rpc=rpc, timeout_s=args.timeout_ms / 1e3, seed=args.seed)
+                    rpc=rpc, timeout_s=args.timeout_ms / 1e3, seed=args.seed, connections=args.connections)
     metadata = tuple(tuple(kv.split("=", 1)) for kv in args.metadata)
     if any(len(kv) != 2 for kv in metadata):
         print("error: --metadata takes KEY=VALUE", file=sys.stderr)
@@ -131,7 +139,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{'none of the tried rates' if best is None else f'{best:.0f} requests/s'}", flush=True)
     meta = dict(machine_meta(), target=args.target, label=args.label or args.target, command=sys.argv,
                 rpc=rpc, arrivals=args.arrivals, duration_s=args.duration, warmup_s=args.warmup,
-                timeout_ms=args.timeout_ms, seed=args.seed, procs=args.procs, input=args.input, pool=args.pool,
+                timeout_ms=args.timeout_ms, seed=args.seed, procs=args.procs, connections=args.connections,
+                input=args.input, pool=args.pool,
                 p99_limit_ms=args.p99_limit_ms, late_threshold_ms=LATE_S * 1e3,
                 server_settings={k: v for k, v in (settings or {}).items() if not k.startswith("stats.")})
     if args.json:

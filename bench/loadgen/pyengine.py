@@ -7,6 +7,9 @@ schedule is split: Poisson r/K each, or constant r/K with phases i/K, together e
 requested arrival process; every worker builds its own request pool once, starts at a shared
 clock() time, and the parent merges their StepRaw (histograms merge exactly).
 
+Connections: a step's unary requests go round robin over `spec.connections` TCP connections
+(split over the worker processes, at least one each); DecideStream uses one per process.
+
 The generator's CPU is this process's (os.times) from the start of sending to the end of the
 step; a worker's is its own, summed by the parent. One process drives a few thousand requests/s
 at ~0.3-0.6 ms of CPU per request on the 2-core machine (bench/RESULTS.md).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import multiprocessing as mp
 import sys
 import zlib
@@ -29,7 +33,7 @@ from uwrt.bench.loadgen.accounting import Recorder, StepRaw, StepSpec, clock
 from uwrt.bench.loadgen.cpus import cpu_s
 from uwrt.bench.loadgen.drivers import drive_closed, drive_open
 from uwrt.bench.loadgen.traffic import make_source, schedule
-from uwrt.bench.loadgen.transports import StreamTransport, UnaryTransport
+from uwrt.bench.loadgen.transports import StreamTransport, UnaryTransport, open_channels
 
 SWITCH_INTERVAL_S = 0.001      # GIL switch interval in generator processes (Python's default: 0.005);
                                # 0.0002 / 0.001 / 0.005 measured the same within noise at 1000-1500 rps
@@ -47,11 +51,13 @@ async def run_step_async(target: str, spec: StepSpec, source, t0: float | None, 
     # switch interval would make sends late whenever the loop is busy parsing responses.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     rng = np.random.default_rng([spec.seed, worker, zlib.crc32(spec.tag.encode())])
-    own = channel is None
-    ch = channel or grpc.aio.insecure_channel(target)
+    # this process's share of the step's connections (at least one); `channel`, when given, is one of them
+    n_conn = 1 if spec.rpc == "stream" else max(1, math.ceil(spec.connections * share))
+    own = open_channels(target, n_conn - (channel is not None))
+    chans = ([channel] if channel is not None else []) + own
     try:
-        transport = StreamTransport(ch, metadata) if spec.rpc == "stream" else UnaryTransport(
-            ch, "decide" if spec.rpc == "decide" else spec.rpc, metadata)
+        transport = StreamTransport(chans[0], metadata) if spec.rpc == "stream" else UnaryTransport(
+            chans, "decide" if spec.rpc == "decide" else spec.rpc, metadata)
         tag = f"{spec.tag}w{worker}"
 
         def make(i: int) -> tuple[bytes, str]:
@@ -91,7 +97,7 @@ async def run_step_async(target: str, spec: StepSpec, source, t0: float | None, 
         if spec.concurrency > 0:
             rec.raw.scheduled = rec.raw.sent
     finally:
-        if own:
+        for ch in own:
             await ch.close()
     return rec.raw
 

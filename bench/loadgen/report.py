@@ -46,7 +46,8 @@ def summarize(spec: StepSpec, raw: StepRaw, *, batches: tuple[int, int] | None =
     row: dict[str, Any] = dict(
         mode="closed" if closed else "open", rpc=spec.rpc, arrivals=None if closed else spec.arrivals,
         concurrency=spec.concurrency if closed else None, target_rps=None if closed else float(spec.rate),
-        duration_s=dur, procs=procs, scheduled=raw.scheduled, sent=raw.sent, achieved_rps=raw.sent / send_s,
+        duration_s=dur, procs=procs, connections=1 if spec.rpc == "stream" else spec.connections,
+        scheduled=raw.scheduled, sent=raw.sent, achieved_rps=raw.sent / send_s,
         send_span_s=raw.send_span_s,
         completed=raw.ok, completed_rps=raw.ok / dur, error_count=n_err, errors=dict(sorted(raw.errors.items())),
         error_share=n_err / raw.sent if raw.sent else 0.0, unsent=raw.unsent, late_sends=raw.late,

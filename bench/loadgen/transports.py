@@ -2,8 +2,10 @@
 the generator makes around a step (GetModelInfo for batch counters, a reachability probe).
 
 A transport has `start()`, `call(payload, request_id, timeout_s) -> (status name, timing)` and
-`close()`. `UnaryTransport` makes one unary RPC per request on a shared channel (payloads are
-pre-serialized: no serialization on the send path); `StreamTransport` sends over one long-lived
+`close()`. `UnaryTransport` makes one unary RPC per request, round robin over a few channels,
+each its own TCP connection (`open_channels`; a server of several processes sharing a port with
+SO_REUSEPORT is balanced by the kernel per connection, not per request); payloads are
+pre-serialized (no serialization on the send path). `StreamTransport` sends over one long-lived
 DecideStream and matches responses to requests by id. `timing` is the response's server-side
 (queue, featurize, encode, trees, policy, total) microseconds plus an adverse-outcome flag, or
 None where the RPC has none (health, info) or the request failed.
@@ -23,7 +25,8 @@ HEALTH = "/grpc.health.v1.Health/Check"
 METHODS = {"decide": DECIDE, "stream": DECIDE_STREAM, "info": INFO, "health": HEALTH}
 ADVERSE_OUTCOMES = (2, 3)   # pb.DECLINE, pb.COUNTEROFFER (checked against the stubs in tests)
 
-__all__ = ["ADVERSE_OUTCOMES", "METHODS", "UnaryTransport", "StreamTransport", "info", "batch_counts", "probe"]
+__all__ = ["ADVERSE_OUTCOMES", "METHODS", "UnaryTransport", "StreamTransport", "open_channels", "info",
+           "batch_counts", "probe"]
 
 
 def _timing_of(resp) -> tuple:
@@ -33,9 +36,10 @@ def _timing_of(resp) -> tuple:
 
 
 class UnaryTransport:
-    """One unary RPC per request on a shared grpc.aio channel (payloads are pre-serialized)."""
+    """One unary RPC per request (payloads are pre-serialized), round robin over the given
+    grpc.aio channels (one TCP connection each: see `open_channels`)."""
 
-    def __init__(self, channel: grpc.aio.Channel, rpc: str, metadata: tuple = ()) -> None:
+    def __init__(self, channel: grpc.aio.Channel | list[grpc.aio.Channel], rpc: str, metadata: tuple = ()) -> None:
         from grpc_health.v1 import health_pb2
 
         from uwrt.runtime.pb import pb
@@ -43,14 +47,19 @@ class UnaryTransport:
                              "health": (HEALTH, health_pb2.HealthCheckResponse)}[rpc]
         self.decide = rpc == "decide"
         self.metadata = metadata or None
-        self.stub = channel.unary_unary(method, request_serializer=None, response_deserializer=resp_type.FromString)
+        channels = channel if isinstance(channel, list) else [channel]
+        self.stubs = [ch.unary_unary(method, request_serializer=None, response_deserializer=resp_type.FromString)
+                      for ch in channels]
+        self.k = 0
 
     async def start(self) -> None:
         pass
 
     async def call(self, payload: bytes, rid: str, timeout_s: float) -> tuple[str, tuple | None]:
+        stub = self.stubs[self.k % len(self.stubs)]
+        self.k += 1
         try:
-            resp = await self.stub(payload, timeout=timeout_s, metadata=self.metadata)
+            resp = await stub(payload, timeout=timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
             return e.code().name, None
         return "OK", (_timing_of(resp) if self.decide else None)
@@ -124,6 +133,13 @@ class StreamTransport:
         except TimeoutError:
             self.call_obj.cancel()
 
+
+
+def open_channels(target: str, n: int) -> list[grpc.aio.Channel]:
+    """n grpc.aio channels to `target`, each on its own TCP connection: grpc shares one
+    connection between channels of equal target and arguments (its global subchannel pool), so
+    every channel gets a local pool."""
+    return [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------
