@@ -54,3 +54,10 @@ stubs: $(BIN)/python
 
 clean:
 	rm -rf $(VENV) bundles sample_requests.jsonl .pytest_cache
+
+# The native open-loop engine of `uwrt bench` (--engine native|auto): bench/native/h2gen.c over
+# libnghttp2, compiled with the system cc into build/bench/h2gen (git-ignored). Without Debian's
+# libnghttp2-dev it installs it with apt-get when run as root, else says what to install.
+.PHONY: bench-native
+bench-native:
+	sh bench/native/build.sh

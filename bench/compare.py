@@ -23,78 +23,18 @@ Thread safety: a command-line program; one server and one sweep at a time.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import os
-import re
 import shlex
-import signal
-import subprocess
 import sys
-import threading
 import time
 
 from uwrt.bench import loadgen
 from uwrt.bench.loadgen import StepSpec
+from uwrt.bench.servers import ServerProcess, server_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RATES = "100,200,300,500,750,1000,1250,1500,2000"
-
-
-def server_command(name: str, bundle: str, extra: str) -> list[str]:
-    py = sys.executable
-    if name == "uwrt":
-        return [py, "-m", "uwrt.runtime.cli", "serve", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
-    if name == "naive":
-        return [py, "-m", "uwrt.bench.naive_server", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
-    if name == "ray":
-        return [py, "-m", "uwrt.bench.ray_peer", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
-    raise ValueError(f"unknown server {name!r}")
-
-
-class ServerProcess:
-    """A server subprocess; its output is drained on a thread (kept: the last 60 lines)."""
-
-    READY = re.compile(r"(?:uwrt|naive|ray) serving on (\S+)")
-
-    def __init__(self, name: str, cmd: list[str], start_timeout_s: float) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        self.name, self.cmd = name, cmd
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
-        self.tail: collections.deque = collections.deque(maxlen=60)
-        self.settings_line = ""
-        found: list[str] = []
-        ready = threading.Event()
-
-        def pump() -> None:
-            for line in self.proc.stdout:
-                self.tail.append(line.rstrip())
-                if line.startswith("ray settings:"):
-                    self.settings_line = line.strip()
-                m = self.READY.search(line)
-                if m and not found:
-                    found.append(m.group(1))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(start_timeout_s) or not found:
-            self.stop()
-            raise RuntimeError(f"{name} did not start ({shlex.join(cmd)}):\n" + "\n".join(self.tail))
-        self.target = found[0]
-
-    def stop(self, timeout_s: float = 60.0) -> int | str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)     # its own session: the server and its children
-            self.proc.wait(10)
-            return "killed"
 
 
 def run_server(name: str, args, rates: list[float]) -> dict:

@@ -6,7 +6,9 @@ charged to the result (no coordinated omission). A send more than `LATE_S` after
 time is "late"; a request whose deadline passed before it could be sent is "unsent". Latencies
 are recorded in microsecond-resolution histograms (`uwrt.bench.hist`).
 
-`Recorder.on_send` / `on_done` / `on_unsent` count one request at a time.
+`Recorder.on_send` / `on_done` / `on_unsent` count one request at a time (the Python engine);
+`record_arrays` counts a whole step of per-request arrays at once (the native engine), with the
+same rules (tested equal).
 
 Thread safety: a Recorder / StepRaw has one writer (the generator's event loop thread).
 """
@@ -17,6 +19,8 @@ import dataclasses
 import time
 from typing import Any
 
+import numpy as np
+
 from uwrt.bench.hist import Histogram
 
 STAGES = ("queue_us", "featurize_us", "encode_us", "trees_us", "policy_us", "total_us")
@@ -24,7 +28,7 @@ LATE_S = 0.001                 # a send later than this after its intended time 
 FELL_BEHIND_LATE_SHARE = 0.01  # more late sends than this share (or any unsent) flags the step
 clock = time.monotonic         # CLOCK_MONOTONIC: the same clock in every worker process (Linux)
 
-__all__ = ["STAGES", "LATE_S", "FELL_BEHIND_LATE_SHARE", "clock", "StepSpec", "StepRaw", "Recorder"]
+__all__ = ["STAGES", "LATE_S", "FELL_BEHIND_LATE_SHARE", "clock", "StepSpec", "StepRaw", "Recorder", "record_arrays"]
 
 
 @dataclasses.dataclass
@@ -36,6 +40,7 @@ class StepSpec:
     concurrency: int = 0               # > 0: closed loop with this many requests in flight
     rpc: str = "decide"                # decide | stream | health | info
     connections: int = 1               # TCP connections per step (unary RPCs; a stream uses one)
+    engine: str = "python"             # python | native (open-loop unary only)
     timeout_s: float = 1.0
     seed: int = 1
     tag: str = "s0"                    # request id infix: unique per step
@@ -49,6 +54,8 @@ class StepSpec:
             raise ValueError("duration and timeout must be > 0")
         if self.connections < 1:
             raise ValueError("connections must be >= 1")
+        if self.engine not in ("python", "native"):
+            raise ValueError(f"engine must be python|native, got {self.engine!r}")
 
 
 class StepRaw:
@@ -150,3 +157,33 @@ class Recorder:
                 self.live[self.slot + 2] += 1
 
 
+
+
+def record_arrays(raw: StepRaw, intended_ns, sent_ns, done_ns, status, names: dict[int, str], *,
+                  timing=None, has_timing=None, adverse=None) -> None:
+    """Count a step's requests from arrays, as `Recorder` would one by one (times in integer ns
+    on one clock; sent_ns < 0 = never sent; status codes named by `names`, 0 = OK; timing
+    [n, 6] with has_timing / adverse flags per request, for OK responses)."""
+    intended_ns, sent_ns, done_ns = (np.asarray(a, np.int64) for a in (intended_ns, sent_ns, done_ns))
+    status = np.asarray(status)
+    was_sent = sent_ns >= 0
+    raw.unsent += int((~was_sent).sum())
+    raw.sent += int(was_sent.sum())
+    lag_ns = sent_ns[was_sent] - intended_ns[was_sent]
+    raw.lag.record_many(np.maximum(0, lag_ns) // 1000)
+    raw.late += int((lag_ns > LATE_S * 1e9).sum())
+    ok = was_sent & (status == 0)
+    raw.ok += int(ok.sum())
+    raw.lat.record_many(np.maximum(0, np.rint((done_ns[ok] - intended_ns[ok]) / 1e3)).astype(np.int64))
+    failed = status[was_sent & (status != 0)]
+    for code, n in zip(*np.unique(failed, return_counts=True), strict=True):
+        raw.errors[names.get(int(code), f"STATUS_{int(code)}")] += int(n)
+    if timing is not None and has_timing is not None:
+        timed = ok & np.asarray(has_timing, bool)
+        t = np.asarray(timing, np.int64)[timed]
+        for k, name in enumerate(STAGES):
+            raw.stages[name].record_many(t[:, k])
+        adv = np.asarray(adverse, bool)[timed] if adverse is not None else np.zeros(len(t), bool)
+        raw.adverse += int(adv.sum())
+        raw.policy_us_adverse += int(t[adv, 4].sum())
+        raw.policy_us_other += int(t[~adv, 4].sum())

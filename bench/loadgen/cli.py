@@ -15,6 +15,8 @@ import asyncio
 import sys
 
 from uwrt.bench.loadgen.accounting import LATE_S, StepSpec
+from uwrt.bench.loadgen.cpus import format_cpus, parse_cpus, pin_process, process_cpus
+from uwrt.bench.loadgen.native import choose_engine
 from uwrt.bench.loadgen.report import HEADER, format_row, machine_meta, write_csv, write_json
 from uwrt.bench.loadgen.step import SweepSpec, max_rate_meeting, run_sweep
 from uwrt.bench.loadgen.traffic import make_source
@@ -58,6 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            f"{DEFAULT_CONNECTIONS}; the kernel balances a multi-process server per connection)")
     load.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                       help="gRPC metadata on every call (e.g. application=NAME for a Ray Serve proxy)")
+    eng = p.add_argument_group("engine, pinning and the floor")
+    eng.add_argument("--engine", choices=["auto", "native", "python"], default="auto",
+                     help="native: the C generator (open-loop unary; `make bench-native`); python: grpc.aio; "
+                          "auto (default): native when built and the step is open-loop unary, else python")
+    eng.add_argument("--client-cpus", default=None, metavar="LIST",
+                     help="pin the generator (this process, its workers, the native binary) to these CPUs, e.g. 0")
+    eng.add_argument("--server-cpus", default=None, metavar="LIST",
+                     help="pin the server to these CPUs, e.g. 1: the --server-pid process's threads now, and the "
+                          "echo server --floor starts (or start the server with `taskset -c LIST`)")
+    eng.add_argument("--floor", action="store_true",
+                     help="after every rate also run the transport floor at that rate (health RPC and a no-model "
+                          "Decide against an echo server this command starts): rows with series floor-*")
     src = p.add_argument_group("traffic")
     src.add_argument("--input", default=None, help="requests JSONL instead of generator traffic")
     src.add_argument("--pool", type=int, default=2000, help="distinct generator applicants (default 2000)")
@@ -67,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--csv", default=None, help="write one CSV row per step here")
     out.add_argument("--plot", default=None, help="write a latency-vs-rate PNG here (needs matplotlib)")
     out.add_argument("--label", default=None, help="series name in the JSON and plot (default: the target)")
-    out.add_argument("--server-pid", type=int, default=None, help="report this process's CPU use per step")
+    out.add_argument("--server-pid", type=int, default=None,
+                     help="report this process's CPU use and CPUs per step")
     out.add_argument("--quiet", action="store_true", help="no live progress line")
     out.add_argument("--allow-remote", action="store_true", help=argparse.SUPPRESS)
 
@@ -96,6 +111,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.connections < 1:
         print("error: --connections must be >= 1", file=sys.stderr)
         return 2
+    try:
+        client_cpus = parse_cpus(args.client_cpus) if args.client_cpus else None
+        server_cpus = parse_cpus(args.server_cpus) if args.server_cpus else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if server_cpus and not (args.server_pid or args.floor):
+        print("error: --server-cpus pins the --server-pid process (and the --floor echo server); give --server-pid, "
+              "or start the server with `taskset -c LIST`", file=sys.stderr)
+        return 2
+    if args.floor and (args.search or args.concurrency):
+        print("error: --floor runs with listed rates (--rate / --rates), not --search or --concurrency",
+              file=sys.stderr)
+        return 2
+    engine, why = choose_engine(args.engine, rpc="stream" if args.stream else args.rpc,
+                                closed=bool(args.concurrency), procs=args.procs)
+    if engine is None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    if why:
+        print(f"uwrt bench: using the Python engine: {why}", file=sys.stderr, flush=True)
     sweep = SweepSpec(p99_limit_ms=args.p99_limit_ms, search=args.search, search_start=args.search_start,
                       search_steps=args.search_steps, warmup_s=args.warmup)
     if args.concurrency:
@@ -105,7 +141,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif not args.search:
         sweep.rates = [args.rate if args.rate is not None else 100.0]
     base = StepSpec(rate=(sweep.rates or [sweep.search_start])[0], duration_s=args.duration, arrivals=args.arrivals,
-                    rpc=rpc, timeout_s=args.timeout_ms / 1e3, seed=args.seed, connections=args.connections)
+                    rpc=rpc, timeout_s=args.timeout_ms / 1e3, seed=args.seed, connections=args.connections,
+                    engine=engine)
     metadata = tuple(tuple(kv.split("=", 1)) for kv in args.metadata)
     if any(len(kv) != 2 for kv in metadata):
         print("error: --metadata takes KEY=VALUE", file=sys.stderr)
@@ -117,31 +154,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if client_cpus:
+        pin_process(0, client_cpus)                 # workers and the native binary inherit it
+    if server_cpus and args.server_pid:
+        pin_process(args.server_pid, server_cpus)
     settings = None
     try:
         settings = asyncio.run(probe(args.target, metadata))
     except ConnectionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"uwrt bench -> {args.target}: {rpc}, {args.procs} generator process(es), "
-          f"{'closed loop' if sweep.concurrencies else args.arrivals + ' arrivals'}, {args.duration:g}s per step",
-          flush=True)
-    print(HEADER, flush=True)
-    rows = run_sweep(args.target, base, sweep, source, procs=args.procs, src_args=src_args, metadata=metadata,
-                     server_pid=args.server_pid, progress=not args.quiet,
-                     on_row=lambda r: print(format_row(r), flush=True))
-    if any(r["fell_behind"] for r in rows):
-        print("WARNING: the generator fell behind its schedule in some steps (late sends / unsent): their latencies "
-              "are not the server's alone; use --procs or a lower rate", flush=True)
-    if sweep.search:
-        best = max_rate_meeting(rows, args.p99_limit_ms)
-        print(f"highest rate with p99 <= {args.p99_limit_ms:g} ms: "
-              f"{'none of the tried rates' if best is None else f'{best:.0f} requests/s'}", flush=True)
+    floor = None
+    if args.floor:
+        from uwrt.bench.loadgen.floor import Floor
+        try:
+            floor = Floor(server_cpus)
+        except (RuntimeError, OSError) as e:
+            print(f"error: cannot start the echo server for --floor: {e}", file=sys.stderr)
+            return 2
+    try:
+        rows = _sweep(args, base, sweep, source, src_args, metadata, floor)
+    finally:
+        if floor:
+            floor.close()
     meta = dict(machine_meta(), target=args.target, label=args.label or args.target, command=sys.argv,
-                rpc=rpc, arrivals=args.arrivals, duration_s=args.duration, warmup_s=args.warmup,
+                rpc=rpc, engine=engine, arrivals=args.arrivals, duration_s=args.duration, warmup_s=args.warmup,
                 timeout_ms=args.timeout_ms, seed=args.seed, procs=args.procs, connections=args.connections,
-                input=args.input, pool=args.pool,
-                p99_limit_ms=args.p99_limit_ms, late_threshold_ms=LATE_S * 1e3,
+                input=args.input, pool=args.pool, p99_limit_ms=args.p99_limit_ms, late_threshold_ms=LATE_S * 1e3,
+                client_cpus=format_cpus(process_cpus()), server_pid=args.server_pid,
+                server_cpus=format_cpus(process_cpus(args.server_pid)) if args.server_pid else None,
+                floor_target=floor.target if floor else None,
                 server_settings={k: v for k, v in (settings or {}).items() if not k.startswith("stats.")})
     if args.json:
         write_json(args.json, meta, rows)
@@ -149,8 +191,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_csv(args.csv, rows)
     if args.plot:
         from uwrt.bench.plot import plot_latency_vs_rate
-        plot_latency_vs_rate({meta["label"]: rows}, args.plot, p99_limit_ms=args.p99_limit_ms)
+        series: dict[str, list[dict]] = {}
+        for r in rows:
+            name = meta["label"] if r.get("series", "model") == "model" else f"{meta['label']} {r['series']}"
+            series.setdefault(name, []).append(r)
+        plot_latency_vs_rate(series, args.plot, p99_limit_ms=args.p99_limit_ms)
     return 0
+
+
+def _sweep(args, base: StepSpec, sweep: SweepSpec, source, src_args: dict, metadata: tuple, floor) -> list[dict]:
+    """Run the sweep, printing the table as it goes; returns its rows."""
+    print(f"uwrt bench -> {args.target}: {base.rpc}, {base.engine} engine, "
+          f"{args.procs if base.engine == 'python' else 1} generator process(es), {base.connections} connection(s), "
+          f"{'closed loop' if sweep.concurrencies else args.arrivals + ' arrivals'}, {args.duration:g}s per step"
+          + (f"; floor: echo server on {floor.target}" if floor else ""), flush=True)
+    print(HEADER, flush=True)
+    progress = not args.quiet
+    rows = run_sweep(args.target, base, sweep, source, procs=args.procs, src_args=src_args, metadata=metadata,
+                     server_pid=args.server_pid, progress=progress,
+                     on_row=lambda r: print(format_row(r), flush=True),
+                     floor=(lambda spec: floor.steps(spec, source, progress=progress)) if floor else None)
+    if any(r["fell_behind"] for r in rows):
+        print("WARNING: the generator fell behind its schedule in some steps (late sends / unsent): their latencies "
+              "are not the server's alone; use --engine native, --procs or a lower rate", flush=True)
+    if sweep.search:
+        best = max_rate_meeting(rows, args.p99_limit_ms)
+        print(f"highest rate with p99 <= {args.p99_limit_ms:g} ms: "
+              f"{'none of the tried rates' if best is None else f'{best:.0f} requests/s'}", flush=True)
+    return rows
 
 
 def register(sub) -> None:

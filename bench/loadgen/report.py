@@ -95,6 +95,8 @@ def format_row(r: dict) -> str:
             f"{f(r['mean_batch_size'], '5.2f')} {f(s['queue_us'], '6.0f')} {f(s['encode_us'], '6.0f')} "
             f"{f(s['trees_us'], '6.0f')} {f(s['total_us'], '6.0f')} {f(r['client_cpu_pct'], '5.0f')} "
             f"{f(r['client_cpu_us_per_req'], '6.0f')}  {err}")
+    if r.get("series", "model") != "model":
+        line += f"  <{r['series']}>"
     if r["fell_behind"]:
         line += (f"  [GENERATOR FELL BEHIND: sent {r['achieved_rps']:.0f}/s of {r['target_rps']:.0f}/s, "
                  f"{r['late_share']:.1%} late > 1 ms, lag p99 {r['lag_p99_ms']:.1f} ms, {r['unsent']} unsent]")

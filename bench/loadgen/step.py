@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import grpc
 
 from uwrt.bench.hist import Histogram
 from uwrt.bench.loadgen.accounting import Recorder, StepRaw, StepSpec, clock
-from uwrt.bench.loadgen.cpus import proc_cpu_s
+from uwrt.bench.loadgen.cpus import format_cpus, proc_cpu_s, process_cpus
 from uwrt.bench.loadgen.pyengine import WorkerPool, run_step_async
 from uwrt.bench.loadgen.report import meets, summarize
 from uwrt.bench.loadgen.transports import batch_counts, info
@@ -56,11 +57,18 @@ class Progress:
 
 
 async def _run_step_here(target: str, spec: StepSpec, source, progress: Progress, metadata: tuple,
-                         pool: WorkerPool | None, server_pid: int | None) -> tuple[StepRaw, tuple | None, float]:
+                         pool: WorkerPool | None, server_pid: int | None
+                         ) -> tuple[StepRaw, tuple | None, float, dict | None]:
+    details = None
     async with grpc.aio.insecure_channel(target) as ch:
         before = batch_counts(await info(ch, metadata)) if spec.rpc in ("decide", "stream") else None
         s0 = proc_cpu_s(server_pid) if server_pid else float("nan")
-        if pool is None:
+        if spec.engine == "native":
+            from uwrt.bench.loadgen.native import run_native_step
+            run = functools.partial(run_native_step, target, spec, source, metadata=metadata,
+                                    progress=progress.enabled, label=progress.label)
+            raw, details = await asyncio.get_running_loop().run_in_executor(None, run)
+        elif pool is None:
             rec = Recorder()
             task = asyncio.create_task(run_step_async(target, spec, source, None, metadata=metadata, channel=ch,
                                                        rec=rec))
@@ -85,24 +93,39 @@ async def _run_step_here(target: str, spec: StepSpec, source, progress: Progress
         s1 = proc_cpu_s(server_pid) if server_pid else float("nan")
         after = batch_counts(await info(ch, metadata)) if before is not None else None
     batches = (after[0] - before[0], after[1] - before[1]) if before and after else None
-    return raw, batches, s1 - s0
+    return raw, batches, s1 - s0, details
 
 
 def run_step(target: str, spec: StepSpec, source=None, *, procs: int = 1, pool: WorkerPool | None = None,
              metadata: tuple = (), server_pid: int | None = None, progress: bool = False, label: str = "") -> dict:
     """Run one step against `target` and return its summary row (see `summarize`).
 
-    `source`: a uwrt.bench.traffic.RequestSource for decide/stream (None for health/info). With
-    `pool` (K worker processes) the step is split across them; `procs` is only recorded."""
+    `source`: a uwrt.bench.loadgen.traffic.RequestSource for decide/stream (None for health/info).
+    `spec.engine` "native" runs the step on the native engine (open-loop unary; see
+    uwrt.bench.loadgen.native), else the Python engine here or, with `pool` (K worker
+    processes), split across them; `procs` is only recorded. The row also records the engine,
+    the CPUs the generator ran on and, given `server_pid`, the server's."""
+    if pool is not None and spec.engine == "native":
+        raise ValueError("the native engine runs in one process: no worker pool")
     prog = Progress(label or _label(spec), spec, progress)
-    raw, batches, server_cpu = asyncio.run(_run_step_here(target, spec, source, prog, metadata, pool, server_pid))
-    return summarize(spec, raw, batches=batches, server_cpu_s=server_cpu, procs=pool.k if pool else procs)
+    raw, batches, server_cpu, details = asyncio.run(_run_step_here(target, spec, source, prog, metadata, pool,
+                                                                   server_pid))
+    row = summarize(spec, raw, batches=batches, server_cpu_s=server_cpu, procs=pool.k if pool else procs)
+    client = details["cpus"] if details else process_cpus()
+    row.update(series="model", engine=spec.engine, client_cpus=format_cpus(client),
+               server_cpus=format_cpus(process_cpus(server_pid)) if server_pid else None)
+    if details:
+        row["native"] = {k: details[k] for k in ("connects", "connect_failures", "conn_lost", "goaways",
+                                                 "cpu_user_s", "cpu_sys_s", "parent_cpu_s", "nghttp2")}
+    return row
 
 
 def _label(spec: StepSpec) -> str:
     return f"{spec.concurrency} in flight" if spec.concurrency > 0 else f"{spec.rate:.0f} rps"
 
 
+# ------------------------------------------------------------------------------------------------
+# Sweeps
 
 
 @dataclasses.dataclass
@@ -122,23 +145,27 @@ class SweepSpec:
 
 def run_sweep(target: str, base: StepSpec, sweep: SweepSpec, source=None, *, procs: int = 1,
               src_args: dict | None = None, metadata: tuple = (), server_pid: int | None = None,
-              progress: bool = True, on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run every step of the sweep; returns the rows in the order they ran (search rows carry
-    `meets_limit`). With procs > 1 a WorkerPool builds its own sources from `src_args`."""
+              progress: bool = True, on_row: Callable[[dict], None] | None = None,
+              floor: Callable[[StepSpec], list[dict]] | None = None) -> list[dict]:
+    """Run every step of the sweep; returns the rows in the order they ran (every row carries
+    `meets_limit`). With procs > 1 a WorkerPool builds its own sources from `src_args`. `floor`
+    (listed rates only): called with each step's spec right after it, its rows (the transport
+    floor at the same rate, uwrt.bench.loadgen.floor) follow the step's row."""
     pool = WorkerPool(procs, target, src_args or dict(kind="none"), metadata) if procs > 1 else None
     rows: list[dict] = []
     n = [0]
 
-    def step(**kw) -> dict:
+    def step(with_floor: bool = False, **kw) -> dict:
         n[0] += 1
         spec = dataclasses.replace(base, tag=f"s{n[0]}", seed=base.seed + n[0], **kw)
         row = run_step(target, spec, source, procs=procs, pool=pool, metadata=metadata, server_pid=server_pid,
                        progress=progress)
-        row["meets_limit"] = meets(row, sweep.p99_limit_ms) if spec.concurrency <= 0 else None
-        rows.append(row)
-        if on_row:
-            on_row(row)
-        time.sleep(sweep.pause_s)
+        for r in [row] + (floor(spec) if floor and with_floor else []):
+            r["meets_limit"] = meets(r, sweep.p99_limit_ms) if spec.concurrency <= 0 else None
+            rows.append(r)
+            if on_row:
+                on_row(r)
+            time.sleep(sweep.pause_s)
         return row
 
     try:
@@ -172,7 +199,7 @@ def run_sweep(target: str, base: StepSpec, sweep: SweepSpec, source=None, *, pro
                         hi = mid
         else:
             for r in sweep.rates:
-                step(rate=r, concurrency=0)
+                step(rate=r, concurrency=0, with_floor=True)
     finally:
         if pool:
             pool.close()
@@ -180,8 +207,9 @@ def run_sweep(target: str, base: StepSpec, sweep: SweepSpec, source=None, *, pro
 
 
 def max_rate_meeting(rows: list[dict], p99_limit_ms: float) -> float | None:
-    """The highest target rate among the rows whose step met the limit (None if none did)."""
-    ok = [r["target_rps"] for r in rows if r.get("target_rps") and meets(r, p99_limit_ms)]
+    """The highest target rate among the model rows whose step met the limit (None if none did)."""
+    ok = [r["target_rps"] for r in rows
+          if r.get("target_rps") and r.get("series", "model") == "model" and meets(r, p99_limit_ms)]
     return max(ok) if ok else None
 
 
