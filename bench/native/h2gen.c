@@ -722,6 +722,7 @@ int main(int argc, char **argv) {
         int ne;
         if (use_pwait2) {                                        /* ns timeout: no timer syscalls per turn */
             int64_t left = wake ? wake - now_ns() : -1;
+            if (wake && left < 0) left = 0;
             struct timespec ts = {.tv_sec = left / 1000000000LL, .tv_nsec = left % 1000000000LL};
             ne = epoll_pwait2(epfd, evs, 64, wake ? &ts : NULL, NULL);
             if (ne < 0 && errno == ENOSYS) { use_pwait2 = 0; continue; }
