@@ -168,7 +168,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.floor:
         from uwrt.bench.loadgen.floor import Floor
         try:
-            floor = Floor(server_cpus)
+            floor = Floor(server_cpus, procs=args.procs if engine == "python" else 1, src_args=src_args)
         except (RuntimeError, OSError) as e:
             print(f"error: cannot start the echo server for --floor: {e}", file=sys.stderr)
             return 2
