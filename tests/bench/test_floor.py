@@ -43,7 +43,8 @@ def test_connections_spread_requests_over_distinct_tcp_connections(echo_factory,
     svc = PeerRecorder()
     e = echo_factory(svc)
     src = RequestSource(list(traffic[:20]))
-    row = loadgen.run_step(e.target, StepSpec(rate=200, duration_s=0.4, connections=connections, tag="c"), src)
+    row = loadgen.run_step(e.target, StepSpec(rate=200, duration_s=0.4, connections=connections, tag="c",
+                                                        timeout_s=30.0), src)
     assert row["errors"] == {} and row["completed"] == row["sent"] == len(svc.peers) > 3 * connections
     assert row["connections"] == connections
     assert len(set(svc.peers)) == connections

@@ -31,6 +31,7 @@ from uwrt.bench.loadgen.traffic import RequestSource, schedule
 from uwrt.runtime.pb import pb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LONG = 30.0      # deadline (s) in tests that expect no failure: no request misses it on a loaded machine
 TRANSPORT_NAMES = {"UNAVAILABLE_CONNECT", "UNAVAILABLE_CONN_LOST", "UNAVAILABLE_GOAWAY", "RST_STREAM_CANCEL",
                    "RST_STREAM_REFUSED_STREAM", "RST_STREAM_NO_ERROR", "RST_STREAM_INTERNAL_ERROR",
                    "INTERNAL_NO_GRPC_STATUS", "UNAVAILABLE", "CANCELLED"}
@@ -165,7 +166,7 @@ def test_native_step_counts_every_request_on_pythons_schedule(native_bin, echo_f
     pool = list(traffic[: int(rng.integers(3, 30))])
     src = RequestSource(pool, id_prefix="n-")
     seed, arrivals = int(rng.integers(0, 2**31)), str(rng.choice(["poisson", "constant"]))
-    spec = StepSpec(rate=float(rng.integers(100, 400)), duration_s=0.6, arrivals=arrivals, seed=seed,
+    spec = StepSpec(rate=float(rng.integers(100, 400)), duration_s=0.6, arrivals=arrivals, seed=seed, timeout_s=LONG,
                     connections=int(rng.integers(1, 5)), engine="native", tag="sch")
     raw, d = nat.run_native_step(e.target, spec, src)
     # the schedule it used is the one Python computes for this spec (the Python engine's, too)
@@ -188,7 +189,8 @@ def test_native_errors_are_counted_by_grpc_status_name(native_bin, echo_factory,
 
     svc = Recording(fail=fail)
     e = echo_factory(svc)
-    spec = StepSpec(rate=300, duration_s=0.5, arrivals="constant", engine="native", connections=2, tag="err")
+    spec = StepSpec(rate=300, duration_s=0.5, arrivals="constant", engine="native", connections=2, tag="err",
+                    timeout_s=LONG)
     row = loadgen.run_step(e.target, spec, RequestSource(list(traffic[:10])))
     n = row["sent"]
     assert n == row["scheduled"] > 10 and row["engine"] == "native"
@@ -207,7 +209,7 @@ def test_native_latency_runs_from_the_intended_time_through_a_server_stall(nativ
                                                                             tmp_path):
     svc = Recording(stall_at=20, stall_s=0.3)
     e = echo_factory(svc)
-    spec = StepSpec(rate=200, duration_s=1.0, arrivals="constant", timeout_s=5.0, engine="native", tag="stall")
+    spec = StepSpec(rate=200, duration_s=1.0, arrivals="constant", timeout_s=LONG, engine="native", tag="stall")
     raw, d, recs = _run_keeping_records(e.target, spec, RequestSource(list(traffic[:10])), tmp_path)
     assert raw.errors == {} and raw.ok == raw.scheduled and svc.stall is not None
     s0, s1 = (int(t * 1e9) for t in svc.stall)            # time.monotonic: h2gen's CLOCK_MONOTONIC
@@ -243,7 +245,8 @@ def test_native_transport_failures_are_named(native_bin, echo_factory, traffic, 
 
     th = threading.Thread(target=stop_later)
     th.start()
-    spec = StepSpec(rate=200, duration_s=0.8, arrivals="constant", engine="native", connections=2, tag="stop")
+    spec = StepSpec(rate=200, duration_s=0.8, arrivals="constant", engine="native", connections=2, tag="stop",
+                    timeout_s=LONG)
     raw, d, recs = _run_keeping_records(e.target, spec, RequestSource(list(traffic[:5])), tmp_path)
     th.join()
     assert raw.sent == raw.ok + sum(raw.errors.values()) and raw.ok > 0 and raw.errors
@@ -255,7 +258,8 @@ def test_native_transport_failures_are_named(native_bin, echo_factory, traffic, 
 def test_native_sigstop_makes_sends_late_and_latency_counts_it(native_bin, echo_server, tmp_path, monkeypatch):
     """The generator itself paused (SIGSTOP) for 0.2 s: requests intended meanwhile go out late,
     are flagged late, and their latency includes the lateness (intended -> done, not sent -> done)."""
-    spec = StepSpec(rate=200, duration_s=2.0, rpc="health", arrivals="constant", engine="native", tag="stop2")
+    spec = StepSpec(rate=200, duration_s=2.0, rpc="health", arrivals="constant", engine="native", tag="stop2",
+                    timeout_s=LONG)
     def run_with_pause(cmd, **kw):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(0.5)
@@ -283,7 +287,8 @@ def test_cli_native_engine_with_floor_and_pinning(native_bin, echo_server, tmp_p
     client, server = str(cpus[0]), str(cpus[-1])
     rc = loadgen.main(["--target", echo_server.target, "--rates", "100,200", "--duration", "0.4", "--warmup", "0",
                        "--pool", "20", "--engine", "native", "--floor", "--client-cpus", client,
-                       "--server-cpus", server, "--connections", "3", "--json", str(out), "--quiet"])
+                       "--server-cpus", server, "--connections", "3", "--timeout-ms", str(LONG * 1e3),
+                       "--json", str(out), "--quiet"])
     os.sched_setaffinity(0, cpus)                     # the CLI pinned this (the test) process
     assert rc == 0
     doc = json.loads(out.read_text())
@@ -302,7 +307,7 @@ def test_cli_native_engine_with_floor_and_pinning(native_bin, echo_server, tmp_p
 
 def test_native_health_rows_have_no_server_timing(native_bin, echo_server):
     row = loadgen.run_step(echo_server.target, StepSpec(rate=100, duration_s=0.3, rpc="health", engine="native",
-                                                        tag="h"))
+                                                        tag="h", timeout_s=LONG))
     assert row["errors"] == {} and row["completed"] == row["sent"] > 0
     assert all(np.isnan(v) for v in row["server_mean_us"].values()) and row["adverse_share"] is None
 
