@@ -2,6 +2,8 @@
 model, `--connections N` opens N TCP connections and spreads requests over them."""
 from __future__ import annotations
 
+import os
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,3 +52,14 @@ def test_connections_spread_requests_over_distinct_tcp_connections(echo_factory,
     assert len(set(svc.peers)) == connections
     counts = [svc.peers.count(p) for p in set(svc.peers)]
     assert max(counts) - min(counts) <= 1                 # round robin
+
+
+def test_cpu_lists_parse_format_and_read_back():
+    from uwrt.bench.loadgen.cpus import format_cpus, parse_cpus, process_cpus
+    have = sorted(os.sched_getaffinity(0))
+    assert parse_cpus(format_cpus(have)) == have and process_cpus() == have
+    assert format_cpus([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and format_cpus(None) == ""
+    assert parse_cpus(f"{have[0]}") == [have[0]]
+    for bad in ("", "x", "3-1", "-1", "100000"):
+        with pytest.raises(ValueError):
+            parse_cpus(bad)
