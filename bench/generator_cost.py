@@ -2,7 +2,7 @@
 engine (and h2load for reference) against the no-model echo server, Decide and the health RPC.
 
     python -m uwrt.bench.generator_cost [--rates 500,1000,2000] [--reps 3] [--duration 8]
-        [--engines native,python,h2load] [--client-cpus 0] [--server-cpus 1]
+        [--engines native,python,h2load] [--client-cpus 0] [--server-cpus 1] [--timeout-ms 5000]
         [--json bench/results/generator_cost.json]
 
 One echo server (uwrt.bench.echo_server) is started pinned to --server-cpus; this process (and so
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default="native,python,h2load")
     ap.add_argument("--rpcs", default=",".join(RPCS))
     ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--timeout-ms", type=float, default=5000.0,
+                    help="deadline from the intended send (default 5000: on a loaded machine a late answer should "
+                         "still be an answer, so every run does the same work per request)")
     ap.add_argument("--arrivals", default="poisson", choices=["poisson", "constant"])
     ap.add_argument("--client-cpus", default="0")
     ap.add_argument("--server-cpus", default="1")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             spec = StepSpec(rate=rate, duration_s=args.duration, rpc=rpc, engine=eng,
                                             connections=args.connections, arrivals=args.arrivals, tag=f"g{k}",
-                                            seed=k)
+                                            seed=k, timeout_s=args.timeout_ms / 1e3)
                             row = loadgen.run_step(srv.target, spec, src if rpc == "decide" else None)
                         busy, srv_cpu = machine_busy_s() - b0, proc_cpu_s(srv.pid) - s0
                         gen_cpu = row["client_cpu_us_per_req"] * row["sent"] / 1e6
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"| {statistics.median(other):.2f} |")
     meta = dict(loadgen.machine_meta(), command=sys.argv, rates=rates, reps=args.reps, duration_s=args.duration,
                 engines=engines, rpcs=rpcs, connections=args.connections, arrivals=args.arrivals,
+                timeout_ms=args.timeout_ms,
                 client_cpus=format_cpus(client), server_cpus=format_cpus(server_cpus),
                 h2load=subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout.strip()
                 if "h2load" in engines else None)
