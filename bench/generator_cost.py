@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                          "still be an answer, so every run does the same work per request)")
     ap.add_argument("--arrivals", default="poisson", choices=["poisson", "constant"])
     ap.add_argument("--client-cpus", default="0")
+    ap.add_argument("--fifo", action="store_true", help="the native engine under SCHED_FIFO (root)")
     ap.add_argument("--server-cpus", default="1")
     ap.add_argument("--json", default="bench/results/generator_cost.json")
     args = ap.parse_args(argv)
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             spec = StepSpec(rate=rate, duration_s=args.duration, rpc=rpc, engine=eng,
                                             connections=args.connections, arrivals=args.arrivals, tag=f"g{k}",
-                                            seed=k, timeout_s=args.timeout_ms / 1e3)
+                                            seed=k, timeout_s=args.timeout_ms / 1e3,
+                                            fifo=args.fifo and eng == "native")
                             row = loadgen.run_step(srv.target, spec, src if rpc == "decide" else None)
                         busy, srv_cpu = machine_busy_s() - b0, proc_cpu_s(srv.pid) - s0
                         gen_cpu = row["client_cpu_us_per_req"] * row["sent"] / 1e6
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"| {statistics.median(other):.2f} |")
     meta = dict(loadgen.machine_meta(), command=sys.argv, rates=rates, reps=args.reps, duration_s=args.duration,
                 engines=engines, rpcs=rpcs, connections=args.connections, arrivals=args.arrivals,
-                timeout_ms=args.timeout_ms,
+                timeout_ms=args.timeout_ms, fifo=args.fifo,
                 client_cpus=format_cpus(client), server_cpus=format_cpus(server_cpus),
                 h2load=subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout.strip()
                 if "h2load" in engines else None)

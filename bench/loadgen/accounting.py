@@ -41,6 +41,7 @@ class StepSpec:
     rpc: str = "decide"                # decide | stream | health | info
     connections: int = 1               # TCP connections per step (unary RPCs; a stream uses one)
     engine: str = "python"             # python | native (open-loop unary only)
+    fifo: bool = False                 # native engine under SCHED_FIFO (root): on-time wake-ups under load
     timeout_s: float = 1.0
     seed: int = 1
     tag: str = "s0"                    # request id infix: unique per step

@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--engine", choices=["auto", "native", "python"], default="auto",
                      help="native: the C generator (open-loop unary; `make bench-native`); python: grpc.aio; "
                           "auto (default): native when built and the step is open-loop unary, else python")
+    eng.add_argument("--client-fifo", action="store_true",
+                     help="native engine: run it SCHED_FIFO (root) so it sends on time on a busy machine; pin it "
+                          "away from the server (--client-cpus), it preempts whatever shares its core")
     eng.add_argument("--client-cpus", default=None, metavar="LIST",
                      help="pin the generator (this process, its workers, the native binary) to these CPUs, e.g. 0")
     eng.add_argument("--server-cpus", default=None, metavar="LIST",
@@ -132,6 +135,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     if why:
         print(f"uwrt bench: using the Python engine: {why}", file=sys.stderr, flush=True)
+    if args.client_fifo and engine != "native":
+        print("error: --client-fifo is for the native engine", file=sys.stderr)
+        return 2
     sweep = SweepSpec(p99_limit_ms=args.p99_limit_ms, search=args.search, search_start=args.search_start,
                       search_steps=args.search_steps, warmup_s=args.warmup)
     if args.concurrency:
@@ -142,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sweep.rates = [args.rate if args.rate is not None else 100.0]
     base = StepSpec(rate=(sweep.rates or [sweep.search_start])[0], duration_s=args.duration, arrivals=args.arrivals,
                     rpc=rpc, timeout_s=args.timeout_ms / 1e3, seed=args.seed, connections=args.connections,
-                    engine=engine)
+                    engine=engine, fifo=args.client_fifo)
     metadata = tuple(tuple(kv.split("=", 1)) for kv in args.metadata)
     if any(len(kv) != 2 for kv in metadata):
         print("error: --metadata takes KEY=VALUE", file=sys.stderr)
@@ -178,7 +184,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if floor:
             floor.close()
     meta = dict(machine_meta(), target=args.target, label=args.label or args.target, command=sys.argv,
-                rpc=rpc, engine=engine, arrivals=args.arrivals, duration_s=args.duration, warmup_s=args.warmup,
+                rpc=rpc, engine=engine, client_fifo=args.client_fifo, arrivals=args.arrivals,
+                duration_s=args.duration, warmup_s=args.warmup,
                 timeout_ms=args.timeout_ms, seed=args.seed, procs=args.procs, connections=args.connections,
                 input=args.input, pool=args.pool, p99_limit_ms=args.p99_limit_ms, late_threshold_ms=LATE_S * 1e3,
                 client_cpus=format_cpus(process_cpus()), server_pid=args.server_pid,
@@ -213,7 +220,8 @@ def _sweep(args, base: StepSpec, sweep: SweepSpec, source, src_args: dict, metad
                      floor=(lambda spec: floor.steps(spec, source, progress=progress)) if floor else None)
     if any(r["fell_behind"] for r in rows):
         print("WARNING: the generator fell behind its schedule in some steps (late sends / unsent): their latencies "
-              "are not the server's alone; use --engine native, --procs or a lower rate", flush=True)
+              "are not the server's alone; use --engine native (--client-fifo on a busy machine), pin the generator "
+              "and the server apart, or a lower rate", flush=True)
     if sweep.search:
         best = max_rate_meeting(rows, args.p99_limit_ms)
         print(f"highest rate with p99 <= {args.p99_limit_ms:g} ms: "

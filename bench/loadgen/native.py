@@ -22,6 +22,11 @@ the measurement.
 What the binary cannot see is absent, never invented: server-side stage times exist only for
 Decide responses it parsed (health/info rows have none: NaN -> null in JSON, "-" in the table).
 
+`StepSpec.fifo` (`uwrt bench --client-fifo`) runs the binary under SCHED_FIFO priority 1 (needs
+root): on a machine busy with other work a sleeping generator otherwise wakes up to tens of ms
+late (measured: 1-18% of sends > 1 ms late vs 0.1-0.2% with it, bench/RESULTS.md). It uses a few
+percent of a core, but it preempts whatever shares its core, so pin it away from the server.
+
 CPU: the binary's own user + system time from its start of sending to its last completion
 (getrusage), plus this process's CPU while it waited (near zero): the generator's cost per
 request. Building the payloads and reading the records back happen outside that window, as
@@ -160,6 +165,8 @@ def run_native_step(target: str, spec: StepSpec, source: RequestSource | None, *
             cmd += ["--cpus", format_cpus(client_cpus)]
         if progress:
             cmd.append("--progress")
+        if spec.fifo:
+            cmd.append("--fifo")
         c0 = cpu_s()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
                               text=True, timeout=spec.duration_s + spec.timeout_s + 120)

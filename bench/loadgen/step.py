@@ -112,7 +112,7 @@ def run_step(target: str, spec: StepSpec, source=None, *, procs: int = 1, pool: 
                                                                    server_pid))
     row = summarize(spec, raw, batches=batches, server_cpu_s=server_cpu, procs=pool.k if pool else procs)
     client = details["cpus"] if details else process_cpus()
-    row.update(series="model", engine=spec.engine, client_cpus=format_cpus(client),
+    row.update(series="model", engine=spec.engine, client_fifo=spec.fifo, client_cpus=format_cpus(client),
                server_cpus=format_cpus(process_cpus(server_pid)) if server_pid else None)
     if details:
         row["native"] = {k: details[k] for k in ("connects", "connect_failures", "conn_lost", "goaways",

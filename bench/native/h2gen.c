@@ -40,7 +40,8 @@
  *
  * Summary: one JSON line on stdout: t0 (CLOCK_MONOTONIC ns), the CPU this process used from t0
  * to the end (getrusage: user, system), wall seconds, connection counts, the CPUs it ran on,
- * and the status names. `--cpus LIST` pins this process (sched_setaffinity) before it starts.
+ * and the status names. `--cpus LIST` pins this process (sched_setaffinity) before it starts;
+ * `--fifo` runs it SCHED_FIFO priority 1 (root), so it wakes on time on a busy machine.
  *
  * Build: `make bench-native` (cc, pkg-config libnghttp2; Debian: libnghttp2-dev).
  */
@@ -149,7 +150,8 @@ static size_t next_req = 0, head_req = 0;  /* next to send; oldest that may stil
 static int64_t duration_ns = 0;
 static long connects = 0, connect_failures = 0, conn_lost = 0, goaways = 0;
 static int progress = 0;
-static int use_pwait2 = 1;                 /* epoll_pwait2 (Linux >= 5.11); else a timerfd */
+static int use_pwait2 = 1;
+static int fifo = 0;                 /* epoll_pwait2 (Linux >= 5.11); else a timerfd */
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -565,7 +567,7 @@ static void show_progress(int64_t now, int final) {
 static void usage(void) {
     fprintf(stderr, "usage: h2gen --target HOST:PORT --schedule F --bodies F --out F [--path P] [--connections N]\n"
                     "             [--timeout-us T] [--start-delay-us D] [--parse-timing] [--metadata K=V]...\n"
-                    "             [--cpus LIST] [--progress] [--label L] [--duration-us D]\n");
+                    "             [--cpus LIST] [--fifo] [--progress] [--label L] [--duration-us D]\n");
     exit(2);
 }
 
@@ -588,6 +590,7 @@ int main(int argc, char **argv) {
         const char *v = a + 1 < argc ? argv[a + 1] : NULL;
         if (!strcmp(k, "--parse-timing")) { parse_timing = 1; continue; }
         if (!strcmp(k, "--progress")) { progress = 1; continue; }
+        if (!strcmp(k, "--fifo")) { fifo = 1; continue; }
         if (!v) usage();
         a++;
         if (!strcmp(k, "--target")) target = v;
@@ -617,6 +620,10 @@ int main(int argc, char **argv) {
         cpu_set_t set;
         parse_cpus(cpus, &set);
         if (sched_setaffinity(0, sizeof set, &set)) die("sched_setaffinity(%s): %s", cpus, strerror(errno));
+    }
+    if (fifo) {                                                   /* wake on time even on a loaded machine */
+        struct sched_param sp = {.sched_priority = 1};
+        if (sched_setscheduler(0, SCHED_FIFO, &sp)) die("--fifo: sched_setscheduler: %s", strerror(errno));
     }
     signal(SIGPIPE, SIG_IGN);
     prctl(PR_SET_TIMERSLACK, 1000UL);                            /* 1 us timer slack */

@@ -311,3 +311,11 @@ def test_native_health_rows_have_no_server_timing(native_bin, echo_server):
     assert row["errors"] == {} and row["completed"] == row["sent"] > 0
     assert all(np.isnan(v) for v in row["server_mean_us"].values()) and row["adverse_share"] is None
 
+
+
+def test_native_fifo_option(native_bin, echo_server):
+    if os.geteuid() != 0:
+        pytest.skip("SCHED_FIFO needs root")
+    row = loadgen.run_step(echo_server.target, StepSpec(rate=100, duration_s=0.3, rpc="health", engine="native",
+                                                        fifo=True, tag="fifo", timeout_s=LONG))
+    assert row["client_fifo"] and row["errors"] == {} and row["completed"] == row["sent"] > 0
