@@ -12,8 +12,9 @@
 
 Engines (`--engine`, default auto). `native`: a C program over libnghttp2 (`make bench-native`;
 uwrt.bench.loadgen.native) sends open-loop unary steps from the schedule and payloads Python
-computed, at ~70-110 us of CPU per request instead of the Python engine's ~300-700, so the
-generator takes far less of a shared machine from the server. `python`: grpc.aio, every mode
+computed, at ~40-100 us of CPU per request instead of the Python engine's ~400-750 (measured
+on the 2-core VM, bench/RESULTS.md), so the generator takes far less of a shared machine from
+the server. `python`: grpc.aio, every mode
 (closed loop, DecideStream, `--procs`). `auto`: native when it is built and the step is
 open-loop unary, else python with a notice saying why. Both engines fill the same rows.
 

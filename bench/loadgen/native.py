@@ -24,7 +24,8 @@ Decide responses it parsed (health/info rows have none: NaN -> null in JSON, "-"
 
 `StepSpec.fifo` (`uwrt bench --client-fifo`) runs the binary under SCHED_FIFO priority 1 (needs
 root): on a machine busy with other work a sleeping generator otherwise wakes up to tens of ms
-late (measured: 1-18% of sends > 1 ms late vs 0.1-0.2% with it, bench/RESULTS.md). It uses a few
+late (measured at load average 15-19: 45-47% of sends > 1 ms late vs 0.0-0.1% with it,
+bench/RESULTS.md). It uses a few
 percent of a core, but it preempts whatever shares its core, so pin it away from the server.
 
 CPU: the binary's own user + system time from its start of sending to its last completion
