@@ -118,8 +118,9 @@ def encode_bodies(source: RequestSource | None, n: int, tag: str) -> bytes:
         placeholder = native_request_id(source, tag, 0)
         for k in range(max(1, min(n, len(source.pool)))):
             r = source.pool[k]
-            r.request_id = placeholder
+            rid, r.request_id = r.request_id, placeholder
             m = r.SerializeToString()
+            r.request_id = rid                    # the pool is left as it was
             pos = m.find(placeholder.encode())
             if m[:1] != b"\x0a" or pos != 2:      # field 1 (request_id) first, one-byte length
                 raise ValueError("cannot place the request id in the serialized request")

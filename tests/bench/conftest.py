@@ -58,3 +58,16 @@ def echo_server():
     e = EchoThread()
     yield e
     e.close()
+
+
+@pytest.fixture
+def own_traffic(traffic):
+    """Private copies of the session's 300 generator requests: a RequestSource (and the native
+    engine's body encoder) rewrites request ids in place, which must not leak into other tests
+    that share the session fixture."""
+    out = []
+    for r in traffic:
+        c = type(r)()
+        c.CopyFrom(r)
+        out.append(c)
+    return out

@@ -41,10 +41,10 @@ class PeerRecorder(EchoService):
 
 
 @pytest.mark.parametrize("connections", [1, 3])
-def test_connections_spread_requests_over_distinct_tcp_connections(echo_factory, traffic, connections):
+def test_connections_spread_requests_over_distinct_tcp_connections(echo_factory, own_traffic, connections):
     svc = PeerRecorder()
     e = echo_factory(svc)
-    src = RequestSource(list(traffic[:20]))
+    src = RequestSource(list(own_traffic[:20]))
     row = loadgen.run_step(e.target, StepSpec(rate=200, duration_s=0.4, connections=connections, tag="c",
                                                         timeout_s=30.0), src)
     assert row["errors"] == {} and row["completed"] == row["sent"] == len(svc.peers) > 3 * connections

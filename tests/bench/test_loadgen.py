@@ -175,12 +175,12 @@ def test_schedule_shapes(rng):
         schedule(100, 1.0, "bursty", rng)
 
 
-def test_request_source_unique_ids(traffic):
-    src = RequestSource(list(traffic[:7]), id_prefix="x-")
+def test_request_source_unique_ids(own_traffic):
+    src = RequestSource(list(own_traffic[:7]), id_prefix="x-")
     pl = src.payloads(20, "t")
     ids = [pb.DecisionRequest.FromString(b).request_id for b in pl]
     assert ids == [f"x-t-{i}" for i in range(20)]
-    assert pb.DecisionRequest.FromString(pl[8]).history == traffic[1].history
+    assert pb.DecisionRequest.FromString(pl[8]).history == own_traffic[1].history
 
 
 # ---- a real server -------------------------------------------------------------------------------------
@@ -249,8 +249,8 @@ def test_jsonl_input(live_server, traffic, tmp_path):
     assert loadgen.main(["--target", live_server.target, "--rate", "5", "--input", missing]) == 2
 
 
-def test_stream_and_closed_loop_against_real_server(live_server, traffic):
-    src = RequestSource(list(traffic[:40]))
+def test_stream_and_closed_loop_against_real_server(live_server, own_traffic):
+    src = RequestSource(list(own_traffic[:40]))
     row = loadgen.run_step(live_server.target, StepSpec(rate=30, duration_s=1.0, rpc="stream", tag="st"), src)
     assert row["errors"] == {} and row["completed"] == row["sent"] > 10
     row = loadgen.run_step(live_server.target, StepSpec(rate=None, concurrency=3, duration_s=0.8, tag="cl"), src)

@@ -94,9 +94,11 @@ def test_record_arrays_equal_the_recorder(rng):
             hb.count, hb.total, hb.min, hb.max)
 
 
-def test_bodies_file_frames_grpc_and_marks_the_id_digits(traffic):
-    src = RequestSource(list(traffic[:5]), id_prefix="p-")
+def test_bodies_file_frames_grpc_and_marks_the_id_digits(own_traffic):
+    src = RequestSource(list(own_traffic[:5]), id_prefix="p-")
+    ids = [r.request_id for r in src.pool]
     blob = nat.encode_bodies(src, 3, "t9")
+    assert [r.request_id for r in src.pool] == ids                # the pool is left as it was
     assert int.from_bytes(blob[:4], "little") == 3                 # no more bodies than requests
     off = 4
     for k in range(3):
@@ -104,7 +106,7 @@ def test_bodies_file_frames_grpc_and_marks_the_id_digits(traffic):
         body = blob[off + 12: off + 12 + ln]
         assert body[0] == 0 and int.from_bytes(body[1:5], "big") == ln - 5
         msg = pb.DecisionRequest.FromString(body[5:])
-        assert msg.request_id == nat.native_request_id(src, "t9", 0) and msg.history == traffic[k].history
+        assert msg.request_id == nat.native_request_id(src, "t9", 0) and msg.history == own_traffic[k].history
         patched = body[:id_off] + b"%0*d" % (width, 1234567) + body[id_off + width:]
         assert pb.DecisionRequest.FromString(patched[5:]).request_id == nat.native_request_id(src, "t9", 1234567)
         off += 12 + ln
@@ -160,10 +162,10 @@ class Recording(EchoService):
         return await super().respond(request, context)
 
 
-def test_native_step_counts_every_request_on_pythons_schedule(native_bin, echo_factory, traffic, rng):
+def test_native_step_counts_every_request_on_pythons_schedule(native_bin, echo_factory, own_traffic, rng):
     svc = Recording()
     e = echo_factory(svc)
-    pool = list(traffic[: int(rng.integers(3, 30))])
+    pool = list(own_traffic[: int(rng.integers(3, 30))])
     src = RequestSource(pool, id_prefix="n-")
     seed, arrivals = int(rng.integers(0, 2**31)), str(rng.choice(["poisson", "constant"]))
     spec = StepSpec(rate=float(rng.integers(100, 400)), duration_s=0.6, arrivals=arrivals, seed=seed, timeout_s=LONG,
@@ -182,7 +184,7 @@ def test_native_step_counts_every_request_on_pythons_schedule(native_bin, echo_f
     assert all(by_id[expect[i]] == len(pool[i % len(pool)].history.type) for i in range(raw.sent))
 
 
-def test_native_errors_are_counted_by_grpc_status_name(native_bin, echo_factory, traffic):
+def test_native_errors_are_counted_by_grpc_status_name(native_bin, echo_factory, own_traffic):
     def fail(rid: str):
         i = int(rid.rsplit("-", 1)[1])
         return {1: grpc.StatusCode.RESOURCE_EXHAUSTED, 2: grpc.StatusCode.INVALID_ARGUMENT}.get(i % 3)
@@ -191,7 +193,7 @@ def test_native_errors_are_counted_by_grpc_status_name(native_bin, echo_factory,
     e = echo_factory(svc)
     spec = StepSpec(rate=300, duration_s=0.5, arrivals="constant", engine="native", connections=2, tag="err",
                     timeout_s=LONG)
-    row = loadgen.run_step(e.target, spec, RequestSource(list(traffic[:10])))
+    row = loadgen.run_step(e.target, spec, RequestSource(list(own_traffic[:10])))
     n = row["sent"]
     assert n == row["scheduled"] > 10 and row["engine"] == "native"
     assert row["errors"] == {"RESOURCE_EXHAUSTED": (n + 1) // 3, "INVALID_ARGUMENT": n // 3}
@@ -205,12 +207,12 @@ def _run_keeping_records(target, spec, source, tmp_path):
     return raw, d, np.fromfile(tmp_path / spec.tag / "records.bin", dtype=nat.RECORD)
 
 
-def test_native_latency_runs_from_the_intended_time_through_a_server_stall(native_bin, echo_factory, traffic,
+def test_native_latency_runs_from_the_intended_time_through_a_server_stall(native_bin, echo_factory, own_traffic,
                                                                             tmp_path):
     svc = Recording(stall_at=20, stall_s=0.3)
     e = echo_factory(svc)
     spec = StepSpec(rate=200, duration_s=1.0, arrivals="constant", timeout_s=LONG, engine="native", tag="stall")
-    raw, d, recs = _run_keeping_records(e.target, spec, RequestSource(list(traffic[:10])), tmp_path)
+    raw, d, recs = _run_keeping_records(e.target, spec, RequestSource(list(own_traffic[:10])), tmp_path)
     assert raw.errors == {} and raw.ok == raw.scheduled and svc.stall is not None
     s0, s1 = (int(t * 1e9) for t in svc.stall)            # time.monotonic: h2gen's CLOCK_MONOTONIC
     t_int, t_sent, t_done = (_absolute(d, recs[k]) for k in ("intended_ns", "sent_ns", "done_ns"))
@@ -225,7 +227,7 @@ def test_native_latency_runs_from_the_intended_time_through_a_server_stall(nativ
     assert raw.lat.max == lat_us.max()                   # the step's histogram holds exactly these latencies
 
 
-def test_native_transport_failures_are_named(native_bin, echo_factory, traffic, tmp_path):
+def test_native_transport_failures_are_named(native_bin, echo_factory, own_traffic, tmp_path):
     # nothing listens on a bound, non-listening socket's port: every request fails to connect
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -247,7 +249,7 @@ def test_native_transport_failures_are_named(native_bin, echo_factory, traffic, 
     th.start()
     spec = StepSpec(rate=200, duration_s=0.8, arrivals="constant", engine="native", connections=2, tag="stop",
                     timeout_s=LONG)
-    raw, d, recs = _run_keeping_records(e.target, spec, RequestSource(list(traffic[:5])), tmp_path)
+    raw, d, recs = _run_keeping_records(e.target, spec, RequestSource(list(own_traffic[:5])), tmp_path)
     th.join()
     assert raw.sent == raw.ok + sum(raw.errors.values()) and raw.ok > 0 and raw.errors
     assert set(raw.errors) <= TRANSPORT_NAMES, raw.errors
