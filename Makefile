@@ -10,7 +10,7 @@ VENV   ?= .venv
 BUNDLE ?= bundles/demo
 BIN    := $(VENV)/bin
 
-.PHONY: install install-test bench-install bundle serve demo lint test microbench compare stubs clean
+.PHONY: install install-test bench-install bundle serve demo lint test test-deps microbench compare stubs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,13 @@ lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+# What the tests use beyond Python (built/installed with apt-get when run as root): the native
+# load generator (libnghttp2-dev). A step that fails here does not stop the tests; the tests
+# that need it skip and name the missing package.
+test-deps:
+	-@$(MAKE) --no-print-directory bench-native
+
+test: lint test-deps
 	$(BIN)/python -m pytest -q
 
 microbench: install-test bundle
@@ -65,3 +71,10 @@ stubs: $(BIN)/python
 
 clean:
 	rm -rf $(VENV) bundles sample_requests.jsonl .pytest_cache
+
+# The native open-loop engine of `uwrt bench` (--engine native|auto): bench/native/h2gen.c over
+# libnghttp2, compiled with the system cc into build/bench/h2gen (git-ignored). Without Debian's
+# libnghttp2-dev it installs it with apt-get when run as root, else says what to install.
+.PHONY: bench-native
+bench-native:
+	sh bench/native/build.sh

@@ -26,6 +26,7 @@ a large matmul). Noisy shared machines: compare providers as ratios within one r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -34,13 +35,12 @@ import sys
 import time
 
 import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 import torch
 import torch.nn.functional as F
 
-from uwrt.bench.meta import git_sha  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from uwrt.bench.meta import git_sha  # noqa: E402 - after ROOT is on sys.path (run as a script)
 
 MAX_HISTORY = 128
 
@@ -203,10 +203,12 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: float16 on cuda, float32 on cpu)")
+    ap.add_argument("--dtype", default=None,
+                    help="float16 | bfloat16 | float32 (default: float16 on cuda, float32 on cpu)")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=None, help="timed calls per provider and case (default cuda 100, cpu 10)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed calls per provider and case (default cuda 100, cpu 10)")
     ap.add_argument("--peak-gbps", type=float, default=None)
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--json", default=None, help="write rows + environment here")
@@ -261,7 +263,7 @@ def main() -> int:
             try:
                 with torch.no_grad():
                     err = rel_err(fn(qkv, cu_d, cu_h, H, Dh), ref)
-                    ts = time_fn(lambda: fn(qkv, cu_d, cu_h, H, Dh), device, reps, warmup=3)
+                    ts = time_fn(functools.partial(fn, qkv, cu_d, cu_h, H, Dh), device, reps, warmup=3)
             except Exception as e:  # noqa: BLE001 -- e.g. nested SDPA unsupported here: report, go on
                 row.update(status=f"unsupported: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 rows.append(row)
@@ -276,7 +278,7 @@ def main() -> int:
         # SDPA alone on pre-padded inputs: the padded baseline's kernel cost without pad/unpad
         q, k, v = (t.contiguous() for t in P.pad(qkv, H, Dh))
         with torch.no_grad():
-            ts = time_fn(lambda: P.core(q, k, v), device, reps, warmup=3)
+            ts = time_fn(functools.partial(P.core, q, k, v), device, reps, warmup=3)
         med, p99 = statistics.median(ts), float(np.percentile(ts, 99))
         rows.append(dict(case=name, B=len(lens), T=T, max_n=int(lens.max()), sum_n2=int((lens ** 2).sum()),
                          provider="sdpa_padded_core", bytes=nbytes, flops=flops, floor_us=floor_us, status="ok",

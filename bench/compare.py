@@ -1,13 +1,20 @@
-"""bench/compare: uwrt vs the naive server vs the Ray Serve peer, through the same sweep.
+"""bench/compare: uwrt vs the naive server vs the Ray Serve peer, and the transport floor, through
+the same sweep.
 
-    bench/compare [--bundle bundles/demo] [--servers uwrt,naive,ray] [--rates 100,200,...]
+    bench/compare [--bundle bundles/demo] [--servers uwrt,naive,ray,echo,health] [--rates 100,200,...]
                   [--duration 8] [--common-rate 1000] [--p99-limit-ms 10] [--out bench/results/compare]
+                  [--engine auto|native|python] [--connections 4] [--client-cpus 0 --server-cpus 1]
 
 Each server is started as a subprocess, one at a time (`uwrt serve --port 0`,
-`python -m uwrt.bench.naive_server`, `python -m uwrt.bench.ray_peer`), waited for until it prints its
-"... serving on HOST:PORT" line (each prints it only once warm and answering), then driven by
-the load generator (uwrt.bench.loadgen: open loop, Poisson arrivals by default, unary Decide, latency
-from the intended send time, warm-up first) through the same rates, then stopped with SIGTERM.
+`python -m uwrt.bench.naive_server`, `python -m uwrt.bench.ray_peer`, and for the floor
+`python -m uwrt.bench.echo_server`), waited for until it prints its "... serving on HOST:PORT"
+line (each prints it only once warm and answering), then driven by the load generator
+(uwrt.bench.loadgen: open loop, Poisson arrivals by default, unary Decide, latency from the
+intended send time, warm-up first) through the same rates, then stopped with SIGTERM. The floor
+is two "servers": `echo` (Decide against the no-model echo server) and `health` (the health RPC
+against it), so the table shows the model paths next to what gRPC and the machine cost.
+With `--server-cpus` every server starts pinned to those CPUs (inherited at fork) and with
+`--client-cpus` the generator runs on its own; every row records the CPUs each side used.
 A server whose last two steps failed badly (p99 counting failures > `--give-up-factor` x the
 limit) skips the higher rates of the sweep, except the common rate, which every server runs.
 After the sweep the boundary between the highest passing and the lowest failing rate is
@@ -23,98 +30,50 @@ Thread safety: a command-line program; one server and one sweep at a time.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import os
-import re
 import shlex
-import signal
-import subprocess
 import sys
-import threading
 import time
 
 from uwrt.bench import loadgen
 from uwrt.bench.loadgen import StepSpec
+from uwrt.bench.loadgen.cpus import format_cpus, parse_cpus, pin_process, process_cpus
+from uwrt.bench.loadgen.native import choose_engine
+from uwrt.bench.servers import ServerProcess, server_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RATES = "100,200,300,500,750,1000,1250,1500,2000"
 
 
-def server_command(name: str, bundle: str, extra: str) -> list[str]:
-    py = sys.executable
-    if name == "uwrt":
-        return [py, "-m", "uwrt.runtime.cli", "serve", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
-    if name == "naive":
-        return [py, "-m", "uwrt.bench.naive_server", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
-    if name == "ray":
-        return [py, "-m", "uwrt.bench.ray_peer", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
-    raise ValueError(f"unknown server {name!r}")
+NAMES = ("uwrt", "naive", "ray", "echo", "health")   # echo, health: the transport floor (one echo server)
 
 
-class ServerProcess:
-    """A server subprocess; its output is drained on a thread (kept: the last 60 lines)."""
-
-    READY = re.compile(r"(?:uwrt|naive|ray) serving on (\S+)")
-
-    def __init__(self, name: str, cmd: list[str], start_timeout_s: float) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        self.name, self.cmd = name, cmd
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
-        self.tail: collections.deque = collections.deque(maxlen=60)
-        self.settings_line = ""
-        found: list[str] = []
-        ready = threading.Event()
-
-        def pump() -> None:
-            for line in self.proc.stdout:
-                self.tail.append(line.rstrip())
-                if line.startswith("ray settings:"):
-                    self.settings_line = line.strip()
-                m = self.READY.search(line)
-                if m and not found:
-                    found.append(m.group(1))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(start_timeout_s) or not found:
-            self.stop()
-            raise RuntimeError(f"{name} did not start ({shlex.join(cmd)}):\n" + "\n".join(self.tail))
-        self.target = found[0]
-
-    def stop(self, timeout_s: float = 60.0) -> int | str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)     # its own session: the server and its children
-            self.proc.wait(10)
-            return "killed"
+def command_of(name: str, args) -> list[str]:
+    if name in ("echo", "health"):
+        return server_command("echo", args.bundle, args.echo_args)
+    return server_command(name, args.bundle, getattr(args, f"{name}_args"))
 
 
 def run_server(name: str, args, rates: list[float]) -> dict:
     """Start one server, sweep it, stop it; returns {name, target, rows, max_rate, common, ...}."""
-    cmd = server_command(name, args.bundle, getattr(args, f"{name}_args"))
+    cmd = command_of(name, args)
     print(f"\n== {name}: {shlex.join(cmd)}", flush=True)
     t_start = time.monotonic()
-    srv = ServerProcess(name, cmd, args.start_timeout_s)
+    srv = ServerProcess(name, cmd, args.start_timeout_s, cpus=args.server_cpu_list)
     start_s = time.monotonic() - t_start
     print(f"   ready on {srv.target} after {start_s:.0f}s", flush=True)
     try:
         import asyncio
-        server_settings = {k: v for k, v in (asyncio.run(loadgen._probe(srv.target, ())) or {}).items()
+        server_settings = {k: v for k, v in (asyncio.run(loadgen.probe(srv.target, ())) or {}).items()
                            if not k.startswith("stats.")}
     except ConnectionError:
         server_settings = {}
+    rpc = "health" if name == "health" else "decide"
     base = StepSpec(rate=rates[0], duration_s=args.duration, arrivals=args.arrivals, timeout_s=args.timeout_ms / 1e3,
-                    seed=args.seed)
-    src_args = dict(kind="gen", pool=args.pool, seed=args.seed)
-    source = loadgen._make_source(**src_args) if args.procs <= 1 else None
+                    seed=args.seed, rpc=rpc, connections=args.connections, engine=args.engine_used)
+    src_args = dict(kind="none") if rpc == "health" else dict(kind="gen", pool=args.pool, seed=args.seed)
+    source = loadgen.make_source(**src_args) if args.procs <= 1 else None
     rows: list[dict] = []
     limit = args.p99_limit_ms
     print(loadgen.HEADER, flush=True)
@@ -126,7 +85,8 @@ def run_server(name: str, args, rates: list[float]) -> dict:
         give_up, bad_in_a_row = False, 0
         plan = sorted(set(rates) | {args.common_rate})
         # one sweep call per rate keeps the warm-up once and lets us stop early
-        pool = loadgen.WorkerPool(args.procs, srv.target, src_args) if args.procs > 1 else None
+        pool = loadgen.WorkerPool(args.procs, srv.target, src_args) if args.procs > 1 and base.engine == "python" \
+            else None
         try:
             if args.warmup > 0:
                 loadgen.run_step(srv.target, StepSpec(**{**base.__dict__, "rate": plan[0], "duration_s": args.warmup,
@@ -141,6 +101,8 @@ def run_server(name: str, args, rates: list[float]) -> dict:
                 r = loadgen.run_step(srv.target, spec, source, pool=pool, procs=args.procs, server_pid=srv.proc.pid,
                                      progress=not args.quiet, label=f"{name} {rate:.0f} rps")
                 r["meets_limit"] = loadgen.meets(r, limit)
+                if name in ("echo", "health"):
+                    r["series"] = f"floor-{name}"
                 rows.append(r)
                 show(r)
                 time.sleep(args.pause)
@@ -171,7 +133,8 @@ def run_server(name: str, args, rates: list[float]) -> dict:
         print(f"   {name} stopped (exit {code})", flush=True)
     common = next((r for r in rows if r["target_rps"] == args.common_rate), None)
     return dict(name=name, command=srv.cmd, target=srv.target, start_s=start_s, exit_code=code,
-                settings=srv.settings_line, server_settings=server_settings, rows=rows, max_rate=loadgen.max_rate_meeting(rows, limit), common=common)
+                settings=srv.settings_line, server_settings=server_settings, rows=rows,
+                max_rate=loadgen.max_rate_meeting(rows, limit), common=common)
 
 
 def _num(v) -> float:
@@ -214,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench/compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="bundles/demo")
-    ap.add_argument("--servers", default="uwrt,naive,ray", help="comma-separated subset of uwrt,naive,ray")
+    ap.add_argument("--servers", default=",".join(NAMES),
+                    help="comma-separated subset of uwrt,naive,ray,echo,health (echo / health: Decide / the health "
+                         "RPC against the no-model echo server, the transport floor)")
     ap.add_argument("--rates", default=DEFAULT_RATES, help=f"sweep rates (default {DEFAULT_RATES})")
     ap.add_argument("--common-rate", type=float, default=1000.0, help="every server runs this rate (default 1000)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per step (default 8)")
@@ -226,22 +191,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p99-limit-ms", type=float, default=10.0)
     ap.add_argument("--arrivals", choices=["poisson", "constant"], default="poisson")
     ap.add_argument("--timeout-ms", type=float, default=1000.0)
-    ap.add_argument("--procs", type=int, default=1, help="load generator processes (default 1)")
+    ap.add_argument("--procs", type=int, default=1, help="load generator processes (python engine; default 1)")
+    ap.add_argument("--engine", choices=["auto", "native", "python"], default="auto",
+                    help="load generator engine (as uwrt bench; auto: native when built)")
+    ap.add_argument("--connections", type=int, default=4, help="TCP connections per step (default 4)")
+    ap.add_argument("--client-cpus", default=None, metavar="LIST", help="pin the load generator to these CPUs")
+    ap.add_argument("--server-cpus", default=None, metavar="LIST", help="start every server pinned to these CPUs")
     ap.add_argument("--pool", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--uwrt-args", default="", help="extra `uwrt serve` flags")
     ap.add_argument("--naive-args", default="", help="extra uwrt.bench.naive_server flags")
     ap.add_argument("--ray-args", default="", help="extra uwrt.bench.ray_peer flags")
+    ap.add_argument("--echo-args", default="", help="extra uwrt.bench.echo_server flags")
     ap.add_argument("--start-timeout-s", type=float, default=300.0)
     ap.add_argument("--out", default="bench/results/compare", help="output directory")
     ap.add_argument("--quiet", action="store_true", help="no live progress line")
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.servers.split(",") if s.strip()]
-    if not names or any(n not in ("uwrt", "naive", "ray") for n in names):
-        ap.error("--servers takes a comma-separated subset of uwrt,naive,ray")
-    if not os.path.exists(os.path.join(args.bundle, "manifest.json")):
+    if not names or any(n not in NAMES for n in names):
+        ap.error("--servers takes a comma-separated subset of " + ",".join(NAMES))
+    if not os.path.exists(os.path.join(args.bundle, "manifest.json")) and set(names) - {"echo", "health"}:
         ap.error(f"no bundle at {args.bundle} (build it: uwrt build-demo --out {args.bundle})")
-    rates = loadgen._parse_list(args.rates, float)
+    try:
+        client_cpus = parse_cpus(args.client_cpus) if args.client_cpus else None
+        args.server_cpu_list = parse_cpus(args.server_cpus) if args.server_cpus else None
+    except ValueError as e:
+        ap.error(str(e))
+    args.engine_used, why = choose_engine(args.engine, rpc="decide", closed=False, procs=args.procs)
+    if args.engine_used is None:
+        ap.error(why)
+    if why:
+        print(f"bench/compare: using the Python engine: {why}", file=sys.stderr, flush=True)
+    if client_cpus:
+        pin_process(0, client_cpus)
+    rates = loadgen.parse_list(args.rates, float)
     t0 = time.monotonic()
     results = []
     for n in names:
@@ -250,28 +233,33 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, OSError) as e:
             print(f"error: {n}: {e}", file=sys.stderr)
             results.append(dict(name=n, error=str(e), rows=[], max_rate=None, common=None, settings="",
-                                command=server_command(n, args.bundle, getattr(args, f"{n}_args"))))
+                                command=command_of(n, args)))
     ok = [r for r in results if r["rows"]]
     md, csv_rows = table(ok, args)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(loadgen.machine_meta(), command=sys.argv, bundle=args.bundle, rates=rates, duration_s=args.duration,
                 warmup_s=args.warmup, arrivals=args.arrivals, timeout_ms=args.timeout_ms, procs=args.procs,
+                engine=args.engine_used, connections=args.connections, client_cpus=format_cpus(process_cpus()),
+                server_cpus=format_cpus(args.server_cpu_list) if args.server_cpu_list else None,
                 common_rate=args.common_rate, p99_limit_ms=args.p99_limit_ms, wall_s=time.monotonic() - t0)
     settings = "\n".join(f"* {r['name']}: `{shlex.join(r['command'])}` {r.get('settings', '')}" for r in results)
     errors = "\n".join(f"* {r['name']} FAILED: {r['error']}" for r in results if r.get("error"))
     with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as fh:
         fh.write(f"{md}\n\n{meta['date']}, commit {meta['git']}, {meta['platform']}, {meta['cpu_count']} CPUs; "
-                 f"load generator on the same machine ({args.procs} process(es)), {args.arrivals} arrivals, "
-                 f"{args.duration:g}s steps, deadline {args.timeout_ms:g} ms from the intended send time.\n\n"
+                 f"load generator on the same machine ({args.engine_used} engine, "
+                 f"{args.procs if args.engine_used == 'python' else 1} process(es), {args.connections} connection(s), "
+                 f"CPUs {meta['client_cpus']}; servers on CPUs {meta['server_cpus'] or 'any'}), "
+                 f"{args.arrivals} arrivals, {args.duration:g}s steps, deadline {args.timeout_ms:g} ms from the "
+                 f"intended send time.\n\n"
                  f"{settings}\n{errors}\n")
     loadgen.write_csv(os.path.join(args.out, "compare.csv"), csv_rows)
     with open(os.path.join(args.out, "compare.json"), "w", encoding="utf-8") as fh:
-        json.dump(loadgen._json_safe(dict(meta=meta, servers=results)), fh, indent=1)
+        json.dump(loadgen.json_safe(dict(meta=meta, servers=results)), fh, indent=1)
     png = os.path.join(args.out, "compare.png")
     try:
         from uwrt.bench.plot import plot_latency_vs_rate
         plot_latency_vs_rate({r["name"]: r["rows"] for r in ok}, png, p99_limit_ms=args.p99_limit_ms,
-                             title=f"uwrt vs naive vs Ray Serve: latency vs offered rate ({meta['git']})")
+                             title=f"{' vs '.join(names)}: latency vs offered rate ({meta['git']})")
     except ImportError as e:
         print(f"warning: no plot ({e}); pip install -r requirements/bench.txt", file=sys.stderr)
     print("\n" + md)

@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from uwrt.bench.meta import git_sha  # noqa: E402
+from uwrt.bench.meta import git_sha  # noqa: E402 - after ROOT is on sys.path (run as a script)
 
 
 def load_pool(bundle_dir: str, n: int):
@@ -90,7 +90,10 @@ def padded_sdpa_backend(cfg, state, device):
                 gather = np.where(valid, ev.cu_seqlens[:-1, None] + pos, 0)
                 g = torch.from_numpy(gather).to(device)
                 mask = torch.from_numpy(valid).to(device)
-                t = lambda a: torch.from_numpy(a).to(device)
+
+                def t(a):
+                    return torch.from_numpy(a).to(device)
+
                 x = torch.cat([m.type_emb(t(ev.type_ids)), m.mcc_emb(t(ev.mcc_ids)), t(ev.numeric)], -1)
                 x = m.in_proj(x)[g]                                    # [B, L, d]
                 for lay in m.layers:
@@ -174,10 +177,14 @@ def main(argv=None) -> int:
     else:
         backends = [("torch-eager-cuda", TorchEncoderBackend(cfg, state, device="cuda"), batches),
                     ("torch-padded-sdpa-cuda", padded_sdpa_backend(cfg, state, "cuda"), batches)]
-        for name, dt, graphs in (("triton-fp16-eager", torch.float16, False), ("triton-fp16-graphs", torch.float16, True),
+        for name, dt, graphs in (("triton-fp16-eager", torch.float16, False),
+                                 ("triton-fp16-graphs", torch.float16, True),
                                  ("triton-fp32-graphs", torch.float32, True)):
             be = TritonEncoderBackend(cfg, state, device="cuda", dtype=dt, cuda_graphs=graphs)
-            bb = lambda n, bk: next((x for x in bk if x >= n), None)
+
+            def bb(n, bk):
+                return next((x for x in bk if x >= n), None)
+
             shapes = sorted({(bb(ev.batch_size, be.batch_buckets), bb(ev.n_tokens, be.token_buckets))
                              for evs in drawn.values() for ev in evs} - {(None, None)})
             shapes = [s for s in shapes if None not in s]

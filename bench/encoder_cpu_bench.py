@@ -86,7 +86,7 @@ def main() -> int:
     for label, ev in cases:
         ref = backends["torch"].encode(ev) if "torch" in backends else None
         times = {n: [] for n in backends}
-        for n, be in backends.items():
+        for be in backends.values():
             for _ in range(args.warmup):
                 be.encode(ev)
         for _ in range(args.calls):

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from uwrt.bench.meta import git_sha  # noqa: E402
+from uwrt.bench.meta import git_sha
 from uwrt.demo.synth import generate
 from uwrt.runtime.config import RuntimeConfig
 from uwrt.runtime.pipeline import Pipeline, StageTimes

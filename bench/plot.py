@@ -39,7 +39,7 @@ def plot_latency_vs_rate(series: dict[str, list[dict]], path: str, *, p99_limit_
         p50 = [_val(r.get("p50_ms"), top) for r in rows]
         ax.plot(x, p99, "-", color=color, label=f"{label} p99")
         ax.plot(x, p50, "--", color=color, alpha=0.7, label=f"{label} p50")
-        for r, xv, yv in zip(rows, x, p99):
+        for r, xv, yv in zip(rows, x, p99, strict=True):
             failed = not math.isfinite(_num(r.get("p99_all_ms")))
             ax.plot([xv], [yv], "x" if failed else "o", color=color,
                     markerfacecolor="none" if r.get("fell_behind") else color)

@@ -19,6 +19,7 @@ shows the median per-message time in microseconds and the min-max over rounds.
 
 import argparse
 import datetime as dt
+import functools
 import json
 import operator
 import os
@@ -31,7 +32,7 @@ from google.protobuf import __version__ as protobuf_version
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.internal import api_implementation
 
-from uwrt.bench.meta import git_sha  # noqa: E402
+from uwrt.bench.meta import git_sha
 from uwrt.runtime.pb import pb
 
 COLUMNS = ("timestamp_unix_s", "type", "amount_minor", "mcc", "days_past_due",
@@ -77,7 +78,7 @@ def random_history(n, rng):
                    np.where(types == 5, rng.integers(15, 90, size=n), 0))
     inst = np.where(np.isin(types, [2, 3, 4, 5, 6]), rng.integers(1, 5, size=n), 0)
     return {c: v.astype(np.int64) for c, v in zip(
-        COLUMNS, (ts, types, amount, mcc, dpd, inst))}
+        COLUMNS, (ts, types, amount, mcc, dpd, inst), strict=True)}
 
 
 def build_columnar(h):
@@ -89,8 +90,8 @@ def build_columnar(h):
 
 def build_rows(cls, h):
     msg = cls()
-    for row in zip(*(h[c].tolist() for c in COLUMNS)):
-        msg.events.add(**dict(zip(COLUMNS, row)))
+    for row in zip(*(h[c].tolist() for c in COLUMNS), strict=True):
+        msg.events.add(**dict(zip(COLUMNS, row, strict=True)))
     return msg
 
 
@@ -170,10 +171,13 @@ def main():
             assert all(np.array_equal(got[c], hist[c]) for c in COLUMNS), name
             r = {"events": n, "encoding": name, "bytes": len(buf)}
             parsed = cls.FromString(buf)
-            for metric, fn in (("parse", lambda: cls.FromString(buf)),
+            def decode(cls=cls, buf=buf, to_numpy=to_numpy):
+                return to_numpy(cls.FromString(buf))
+
+            for metric, fn in (("parse", functools.partial(cls.FromString, buf)),
                                ("serialize", msg.SerializeToString),
-                               ("to_numpy", lambda: to_numpy(parsed)),
-                               ("decode", lambda: to_numpy(cls.FromString(buf)))):
+                               ("to_numpy", functools.partial(to_numpy, parsed)),
+                               ("decode", decode)):
                 r[metric] = measure(fn, args.rounds, args.round_ms)
             results.append(r)
     metrics = ("parse", "serialize", "to_numpy", "decode")

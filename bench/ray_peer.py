@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in DEFAULTS}
     port = args.port or _free_port()
     # Ray's worker processes (proxy, replica) must import runtime.* like this process does.
-    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                         if p])
     # every Ray process on loopback: nothing listens on or talks to another address
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              _node_ip_address="127.0.0.1")

@@ -19,6 +19,7 @@ within one run. Build/compile time is reported apart (warm-up is not timed).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -85,19 +86,20 @@ def bench_model(name: str, booster: xgb.Booster, cache_dir: str, args) -> list[d
     for b in (1, 8, 32, 64, 256):
         xb = x[:b]
         reps = args.repeats if b <= 64 else max(50, args.repeats // 4)
-        tn, tx = timed_pair(lambda: stage.predict_margin(xb),
-                            lambda: booster.inplace_predict(xb, predict_type="margin", missing=np.nan), reps)
+        tn, tx = timed_pair(functools.partial(stage.predict_margin, xb),
+                            functools.partial(booster.inplace_predict, xb, predict_type="margin", missing=np.nan), reps)
         rows.append({"model": name, "kind": "margin", "batch": b, "native": stats_us(tn), "xgboost": stats_us(tx)})
     for b in (1, 3, 6, 8, 10, 32):
         xb = x[:b]
-        tn, tx = timed_pair(lambda: explainer.contributions(xb), lambda: ref.contributions(xb),
+        tn, tx = timed_pair(functools.partial(explainer.contributions, xb), functools.partial(ref.contributions, xb),
                             args.shap_repeats if b <= 10 else max(5, args.shap_repeats // 3))
         rows.append({"model": name, "kind": "shap", "batch": b, "native": stats_us(tn), "xgboost": stats_us(tx)})
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | what | batch | native median / p99 us | xgboost median / p99 us | native us/row | xgboost us/row | speed-up |",
+    out = ["| model | what | batch | native median / p99 us | xgboost median / p99 us | native us/row "
+           "| xgboost us/row | speed-up |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "build":

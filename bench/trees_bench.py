@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from uwrt.bench.meta import git_sha  # noqa: E402
+from uwrt.bench.meta import git_sha
 from uwrt.runtime.bundle.bundle import load_bundle  # noqa: E402
 from uwrt.runtime.trees.base import XGBoostTreeStage, load_booster  # noqa: E402
 from uwrt.runtime.trees.cache import default_cache_dirs  # noqa: E402

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     from uwrt.runtime.cli import bundle as bundle_cli
     bundle_cli.register(sub)
 
-    from uwrt.bench import loadgen  # `uwrt bench`: the load generator (bench/loadgen.py)
+    from uwrt.bench import loadgen  # `uwrt bench`: the load generator (bench/loadgen/)
     loadgen.register(sub)
     return p
 

@@ -13,7 +13,7 @@ import pytest
 from uwrt.bench import loadgen
 from uwrt.bench.hist import Histogram
 from uwrt.bench.loadgen import Recorder, StepSpec, drive_open, summarize
-from uwrt.bench.traffic import RequestSource, schedule
+from uwrt.bench.loadgen.traffic import RequestSource, schedule
 from uwrt.runtime.config import RuntimeConfig
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.serving.batching import BatchingConfig
@@ -175,12 +175,12 @@ def test_schedule_shapes(rng):
         schedule(100, 1.0, "bursty", rng)
 
 
-def test_request_source_unique_ids(traffic):
-    src = RequestSource(list(traffic[:7]), id_prefix="x-")
+def test_request_source_unique_ids(own_traffic):
+    src = RequestSource(list(own_traffic[:7]), id_prefix="x-")
     pl = src.payloads(20, "t")
     ids = [pb.DecisionRequest.FromString(b).request_id for b in pl]
     assert ids == [f"x-t-{i}" for i in range(20)]
-    assert pb.DecisionRequest.FromString(pl[8]).history == traffic[1].history
+    assert pb.DecisionRequest.FromString(pl[8]).history == own_traffic[1].history
 
 
 # ---- a real server -------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_short_real_run_writes_json_and_csv(live_server, tmp_path):
     doc = json.loads(out.read_text())
     assert doc["meta"]["git"] and doc["meta"]["target"] == live_server.target
     assert len(doc["steps"]) == 2
-    for step, rate in zip(doc["steps"], (20, 40)):
+    for step, rate in zip(doc["steps"], (20, 40), strict=True):
         assert REQUIRED_KEYS <= set(step)
         assert step["target_rps"] == rate and step["errors"] == {} and step["completed"] == step["sent"] > 0
         assert 0 < step["p50_ms"] <= step["p99_ms"] <= step["p999_ms"] <= step["max_ms"]
@@ -245,11 +245,12 @@ def test_jsonl_input(live_server, traffic, tmp_path):
                          "--input", str(path), "--json", str(out), "--quiet"]) == 0
     step = json.loads(out.read_text())["steps"][0]
     assert step["errors"] == {} and step["completed"] == step["sent"] > 0
-    assert loadgen.main(["--target", live_server.target, "--rate", "5", "--input", str(tmp_path / "missing.jsonl")]) == 2
+    missing = str(tmp_path / "missing.jsonl")
+    assert loadgen.main(["--target", live_server.target, "--rate", "5", "--input", missing]) == 2
 
 
-def test_stream_and_closed_loop_against_real_server(live_server, traffic):
-    src = RequestSource(list(traffic[:40]))
+def test_stream_and_closed_loop_against_real_server(live_server, own_traffic):
+    src = RequestSource(list(own_traffic[:40]))
     row = loadgen.run_step(live_server.target, StepSpec(rate=30, duration_s=1.0, rpc="stream", tag="st"), src)
     assert row["errors"] == {} and row["completed"] == row["sent"] > 10
     row = loadgen.run_step(live_server.target, StepSpec(rate=None, concurrency=3, duration_s=0.8, tag="cl"), src)
@@ -306,7 +307,7 @@ def test_naive_server_answers_like_the_pipeline(pipe, traffic):
         stub = pb_grpc.UnderwritingStub(ch)
         reqs = list(traffic[:40])
         offline = pipe.decide(reqs)
-        for r, o in zip(reqs, offline):
+        for r, o in zip(reqs, offline, strict=True):
             g = stub.Decide(r, timeout=30)
             assert g.request_id == o.request_id and g.outcome == o.outcome
             assert g.probability_of_default == o.probability_of_default   # batch of 1 = same bits (batch invariant)
@@ -366,7 +367,7 @@ def test_ray_peer_answers_like_the_pipeline(small_bundle, pipe, traffic):
         ch = grpc.insecure_channel(srv.target)
         stub = pb_grpc.UnderwritingStub(ch)
         reqs = list(traffic[:12])
-        for r, o in zip(reqs, pipe.decide(reqs)):
+        for r, o in zip(reqs, pipe.decide(reqs), strict=True):
             g = stub.Decide(r, timeout=30)
             assert g.request_id == o.request_id and g.outcome == o.outcome
             assert g.probability_of_default == pytest.approx(o.probability_of_default, abs=1e-6)

@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.mark.slow
 def test_microbenchmarks_pass_untimed(tmp_path, small_bundle):
-    env = dict(os.environ, UWRT_MICRO_BUNDLE=str(small_bundle), PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    path = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, UWRT_MICRO_BUNDLE=str(small_bundle), PYTHONPATH=os.pathsep.join(path))
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench/micro", "-q", "-p", "no:cacheprovider",
                            "--benchmark-disable", "-rs", "--basetemp", str(tmp_path / "micro")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -5,6 +5,8 @@
   returns n pre-serialized requests cycling through the pool, each with a unique request id
   (`<prefix><tag>-<i>`), so serialization never runs on the send path and responses can be
   matched to their request (streaming) by id.
+* `make_source(kind, ...)`: the source a generator process builds for itself ("gen", "jsonl" or
+  "none" for RPCs without a body); ids carry the process id, so processes never collide.
 * `schedule(rate, duration_s, arrivals, rng, phase)`: intended send offsets in seconds, Poisson
   (exponential gaps) or constant (evenly spaced). `phase` in [0, 1) shifts a constant schedule
   by that fraction of one gap, so k processes with rate r/k and phases i/k together send evenly
@@ -15,11 +17,13 @@ thread/process. `schedule` is a pure function of its arguments.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from uwrt.runtime.pb import pb
 
-__all__ = ["RequestSource", "schedule"]
+__all__ = ["RequestSource", "make_source", "schedule"]
 
 
 def schedule(rate: float, duration_s: float, arrivals: str, rng: np.random.Generator,
@@ -70,3 +74,16 @@ class RequestSource:
             r.request_id = self.request_id(tag, i)
             out.append(r.SerializeToString())
         return out
+
+
+def make_source(kind: str, pool: int = 2000, seed: int = 1, path: str | None = None,
+                worker: int = 0) -> RequestSource | None:
+    """kind "gen": `pool` generator applicants (seed offset per worker); "jsonl": the file at
+    `path`; "none": no payloads (health / info RPCs)."""
+    if kind == "none":
+        return None
+    if kind == "jsonl":
+        if path is None:
+            raise ValueError("a jsonl source needs a path")
+        return RequestSource.from_jsonl(path, id_prefix=f"lg{os.getpid()}-")
+    return RequestSource.generated(pool, seed + 7919 * worker, id_prefix=f"lg{os.getpid()}-")
