@@ -267,7 +267,8 @@ def test_warmup_and_factory_requests_pass(rng, monkeypatch):
     # (another currency and exponent, one product at 12+ installments, a high floor, a late as_of)
     odd = RequestLimits(currencies=(("JPY", 0),), amount_min_major=200_000, amount_max_major=900_000,
                         installments=(("MONTHLY", 12, 36),), as_of_min_unix_s=1_760_000_000,
-                        as_of_max_future_s=10 * 365 * 86_400, required_features=tuple(f.name for f in synth.APPLICANT_FEATURES[:2]))
+                        as_of_max_future_s=10 * 365 * 86_400,
+                        required_features=tuple(f.name for f in synth.APPLICANT_FEATURES[:2]))
     for limits in (synth.REQUEST_LIMITS, RequestLimits(), odd):
         schema = FeatureSchema.build("w", list(synth.APPLICANT_FEATURES), 32, limits=limits)
         reqs = [warmup_request(schema, n, i) for n in (0, 1, 17, 128) for i in range(3)]
