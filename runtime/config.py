@@ -164,6 +164,19 @@ class RuntimeConfig:
     score_batch_size: int = 64
     #: Seconds SIGTERM/SIGINT waits for queued and in-flight requests before exiting.
     grace_s: float = 10.0
+    #: Where `uwrt serve` runs each batch: "inline" (on the event loop's thread: no hand-off, no
+    #: context switches; nothing is accepted or expired while a batch computes) or "thread" (one
+    #: model worker thread: the loop keeps accepting and expiring meanwhile, at two thread
+    #: wake-ups per batch). With one core per process (pinned workers) the thread buys no
+    #: parallelism (README: Serving; bench/RESULTS.md "Lean request path").
+    batch_runner: str = "inline"
+    #: After warm-up, `uwrt serve` moves every object alive then (bundle, model, sessions) out of the
+    #: garbage collector's reach with gc.freeze() ("freeze"), or leaves the collector as is ("none").
+    gc_after_warmup: str = "freeze"
+    #: Python GC thresholds (gen0, gen1, gen2) `uwrt serve` sets after warm-up; empty = Python's
+    #: default (700, 10, 10). Fewer young collections per request at the cost of a larger young
+    #: generation (README: Serving).
+    gc_threshold: tuple[int, ...] = (7000, 20, 20)
     #: Dynamic batching (see runtime/serving/batching.py).
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
@@ -177,7 +190,9 @@ class RuntimeConfig:
                               ("onnx_optimization", ("none", "ort", "transformer")),
                               ("onnx_attention", ("mha", "matmul")),
                               ("tree_path", TREE_PATH_CHOICES),
-                              ("reasons_path", REASONS_PATH_CHOICES)):
+                              ("reasons_path", REASONS_PATH_CHOICES),
+                              ("batch_runner", ("inline", "thread")),
+                              ("gc_after_warmup", ("freeze", "none"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.fallback_encoder_backend not in ("",) + ENCODER_BACKEND_CHOICES:
@@ -187,6 +202,8 @@ class RuntimeConfig:
             raise ValueError(f"encoder_device must be 'cpu' or 'cuda[:N]', got {self.encoder_device!r}")
         if self.onnx_intra_op_threads < 0 or self.onnx_inter_op_threads < 0 or self.fallback_reprobe_s < 0:
             raise ValueError("onnx_*_threads >= 0 and fallback_reprobe_s >= 0 are required")
+        if self.gc_threshold and (len(self.gc_threshold) != 3 or any(t < 0 for t in self.gc_threshold)):
+            raise ValueError(f"gc_threshold must be empty or three non-negative integers, got {self.gc_threshold!r}")
 
     # -- loading -------------------------------------------------------------------------------
 
