@@ -144,6 +144,9 @@ class Batcher:
         self._timer: Any = None                      # handle with cancel(): the one wake-up timer
         self._timer_at: int | None = None
         self._finished: asyncio.Future | None = None  # result: the driver ended cleanly (True) or failed
+        self._settle_until: int | None = None          # inline: gathering arrivals after a batch until then
+        self._settle_seen = 0
+        self._settle_idle = 0
         self._stopped = False
         self._closing = False
         self._stats = _Stats()
@@ -186,7 +189,7 @@ class Batcher:
         entry = _Entry(pending, item, self._loop.create_future())
         self._queue[seq] = entry
         self._queued_tokens += tokens
-        if self._inflight is not None:
+        if self._inflight is not None or self._settle_until is not None:
             # The worker is busy: the policy can only expire requests until it frees (its
             # completion re-plans), and the others' expiries are already on the timer, so the
             # only new reason to wake is this request's own expiry. O(1): no plan() call.
@@ -281,8 +284,9 @@ class Batcher:
             return
         try:
             now = self.clock.now_us()
+            settling = self._settle_until is not None and self._settling(now)
             p = plan([e.pending for e in self._queue.values()], now, self.cfg, self.cost,
-                     worker_free=self._inflight is None, flush=self._closing)
+                     worker_free=self._inflight is None and not settling, flush=self._closing)
             for seq in p.expire:
                 e = self._pop(seq)
                 assert e is not None
@@ -298,10 +302,17 @@ class Batcher:
                     entries.append(e)
                 if self.executor is None:
                     self._run_inline(entries)
-                    self._kick()        # re-plan after the loop has read what arrived meanwhile
+                    # requests that arrived during the batch wait in gRPC, which hands the loop one
+                    # new call per round trip: gather them before forming the next batch
+                    self._settle_until = self.clock.now_us() + self.cfg.max_wait_us
+                    self._settle_seen, self._settle_idle = len(self._queue), 0
+                    self._kick()
                 else:
                     self._start_thread(entries)
                     self._drive_busy(now)
+                return
+            if settling:
+                self._kick()            # look again next loop iteration
                 return
             if self._closing and not self._queue and self._inflight is None:
                 self._stop()
@@ -318,6 +329,22 @@ class Batcher:
                 self._finished.set_result(False)
             if not isinstance(exc, Exception):
                 raise
+
+    def _settling(self, now: int) -> bool:
+        """Inline mode, right after a batch: still gathering the calls that arrived during it?
+        Until two loop iterations in a row bring no new request (gRPC hands over one new call per
+        round trip), at most max_wait_us; never while draining or with a full batch queued."""
+        assert self._settle_until is not None
+        n = len(self._queue)
+        if n > self._settle_seen:
+            self._settle_seen, self._settle_idle = n, 0
+        else:
+            self._settle_idle += 1
+        if (self._settle_idle >= 2 or now >= self._settle_until or self._closing
+                or n >= self.cfg.max_batch_size):
+            self._settle_until = None
+            return False
+        return True
 
     def _drive_busy(self, now: int) -> None:
         """Right after a dispatch to the worker: only expiry matters until it frees."""

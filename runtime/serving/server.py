@@ -75,6 +75,7 @@ class ServingRuntime:
                                tokens_of=self._tokens_of)
         self.batch_sizes: list[int] = []     # recent batch sizes, for tests and GetModelInfo
         self.gc_stats = _GcStats()
+        self._gc_before: tuple[int, int, int] | None = None
 
     def _tokens_of(self, req: pb.DecisionRequest) -> int:
         return max(1, min(len(req.history.type), self.max_history))
@@ -90,6 +91,7 @@ class ServingRuntime:
         """Start the batcher; then (after warm-up: everything long-lived now exists) freeze the
         heap out of the collector's reach and set the GC thresholds, as configured."""
         await self.batcher.start()
+        self._gc_before = gc.get_threshold()
         if self.cfg.gc_after_warmup == "freeze":
             gc.collect()
             gc.freeze()
@@ -188,6 +190,10 @@ class ServingRuntime:
         self.gc_stats.uninstall()
         s = self.batcher.stats()
         log.info("gc while serving: %s (%d requests)", self.gc_stats.summary(), s["requests"])
+        if self._gc_before is not None:       # leave the process's collector as it was (tests run many servers)
+            gc.set_threshold(*self._gc_before)
+            if self.cfg.gc_after_warmup == "freeze":
+                gc.unfreeze()
 
 
 class _GcStats:
