@@ -164,19 +164,19 @@ class RuntimeConfig:
     score_batch_size: int = 64
     #: Seconds SIGTERM/SIGINT waits for queued and in-flight requests before exiting.
     grace_s: float = 10.0
-    #: Where `uwrt serve` runs each batch: "inline" (on the event loop's thread: no hand-off, no
-    #: context switches; nothing is accepted or expired while a batch computes) or "thread" (one
-    #: model worker thread: the loop keeps accepting and expiring meanwhile, at two thread
-    #: wake-ups per batch). With one core per process (pinned workers) the thread buys no
-    #: parallelism (README: Serving; bench/RESULTS.md "Lean request path").
-    batch_runner: str = "inline"
+    #: Where `uwrt serve` runs each batch: "thread" (one model worker thread: the loop keeps
+    #: accepting and expiring meanwhile, at two thread wake-ups per batch) or "inline" (on the event
+    #: loop's thread: no hand-off, fewer context switches, but nothing is accepted or expired while a
+    #: batch computes, so unary batches come out smaller). Measured (bench/RESULTS.md "Lean request
+    #: path"): inline saved CPU on DecideStream, thread held unary p99 better.
+    batch_runner: str = "thread"
     #: After warm-up, `uwrt serve` moves every object alive then (bundle, model, sessions) out of the
     #: garbage collector's reach with gc.freeze() ("freeze"), or leaves the collector as is ("none").
     gc_after_warmup: str = "freeze"
-    #: Python GC thresholds (gen0, gen1, gen2) `uwrt serve` sets after warm-up; empty = Python's
-    #: default (700, 10, 10). Fewer young collections per request at the cost of a larger young
-    #: generation (README: Serving).
-    gc_threshold: tuple[int, ...] = (7000, 20, 20)
+    #: Python GC thresholds (gen0, gen1, gen2) `uwrt serve` sets after warm-up; empty = leave
+    #: Python's (700, 10, 10). Larger gen0 thresholds mean fewer but longer pauses: at 7000 one
+    #: young collection took ~2-7 ms on the loaded dev VM, a p99 hazard (bench/RESULTS.md).
+    gc_threshold: tuple[int, ...] = ()
     #: Dynamic batching (see runtime/serving/batching.py).
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 

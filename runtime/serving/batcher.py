@@ -21,7 +21,7 @@ and expiring while a batch computes; a hand-off per batch costs two thread wake-
 ("inline" mode: run_batch runs on the loop's own thread inside `_drive`, and the loop reads the
 requests that arrived meanwhile right after it; no hand-off, no context switches, but nothing is
 accepted or expired while a batch computes, so a deadline can only be seen missed after it).
-With one core per process the thread buys no parallelism (runtime/config.py `batch_inline`).
+With one core per process the thread buys no parallelism (runtime/config.py `batch_runner`).
 
 Time comes only from the injected `Clock`, so tests drive the batcher with a fake clock and
 never sleep. `MonotonicClock` is the production clock; its timers can be late by the event

@@ -3,14 +3,14 @@
 One process, one event loop, and where each batch runs (`batch_runner`):
 
     gRPC handlers (event loop) --enqueue--> Batcher (pure policy + callback driver, event loop)
-        --batch--> Pipeline.decide inline on the loop's thread ("inline", default), or in a
-                   1-thread executor ("thread": torch/ORT/xgboost release the GIL, so the loop
-                   keeps accepting while a batch computes, at two thread wake-ups per batch)
+        --batch--> Pipeline.decide in a 1-thread executor ("thread", default: torch/ORT/xgboost
+                   release the GIL, so the loop keeps accepting while a batch computes, at two
+                   thread wake-ups per batch), or inline on the loop's thread ("inline")
 
 Per request the handlers do no more than: size check, enqueue (a future, no task), await it,
 stamp the timing. DecideStream adds a done-callback per request (no task per message). After
-warm-up the process freezes what is alive into the GC's permanent generation and sets the GC
-thresholds (`gc_after_warmup`, `gc_threshold`). Health (`grpc.health.v1`) is NOT_SERVING
+warm-up the process freezes what is alive into the GC's permanent generation and, if configured,
+sets the GC thresholds (`gc_after_warmup`, `gc_threshold`). Health (`grpc.health.v1`) is NOT_SERVING
 until the bundle is loaded and every (batch size x token bucket) shape the batcher can form
 has been run once; SERVING after. Reflection is on. SIGTERM/SIGINT: health goes NOT_SERVING,
 new RPCs are refused (UNAVAILABLE), queued and in-flight requests finish within `grace_s`,
