@@ -6,8 +6,9 @@
     python -m uwrt.bench.profile_server --server 'thread:--batch-runner thread' --stream --cprofile 15
 
 Each `--server` is `LABEL[@ROOT][:EXTRA SERVE ARGS]`: ROOT is a checkout to run the server from
-(its own `uwrt`, PYTHONPATH=ROOT; default this checkout), so an old commit (`git worktree add
-/tmp/uwrt-base <commit>`) and the current code are measured in the same run. For every round,
+(its own `uwrt`, PYTHONPATH=ROOT; default this checkout), so an old commit (`git archive <commit>
+| tar -x -C /tmp/uwrt-base`, plus a COMMIT file holding the commit for the JSON's meta) and the
+current code are measured in the same run. For every round,
 every server (in turn, started fresh, `taskset -c SERVER_CORE`) and every rate: a warm-up run, then
 one measured `uwrt bench` run (`taskset -c GEN_CORE`, Poisson open loop, unary Decide or
 `--stream`), with, from /proc around the measured run:
@@ -16,7 +17,10 @@ one measured `uwrt bench` run (`taskset -c GEN_CORE`, Poisson open loop, unary D
     own `--server-pid` figure, measured around the step only);
   * context switches per request, voluntary and involuntary, summed over the server's threads
     (/proc/PID/task/*/status), the idle rate measured before the run subtracted;
-  * p50 / p99 / p99.9, mean batch size, errors, whether the generator kept its schedule.
+  * p50 / p99 / p99.9, mean batch size, errors, whether the generator kept its schedule;
+  * server CPU per request by thread name (/proc/PID/task/*/stat), and, per server, the GC
+    collections while serving (the server's "gc while serving" log line at shutdown; servers
+    older than that line print none).
 
 Configurations alternate round-robin within one run (the machine is shared: compare only within
 a run; report medians and ranges over rounds). `--cprofile S` adds, per server at the highest rate,
