@@ -197,6 +197,19 @@ class RuntimeConfig:
     #: restarted worker that loads one is refused. Empty: the digest recorded in the bundle's
     #: manifest.json when `uwrt serve` starts.
     bundle_digest: str = ""
+    #: Where `uwrt serve` runs each batch: "thread" (one model worker thread: the loop keeps
+    #: accepting and expiring meanwhile, at two thread wake-ups per batch) or "inline" (on the event
+    #: loop's thread: no hand-off, fewer context switches, but nothing is accepted or expired while a
+    #: batch computes, so unary batches come out smaller). Measured (bench/RESULTS.md "Lean request
+    #: path"): inline saved CPU on DecideStream, thread held unary p99 better.
+    batch_runner: str = "thread"
+    #: After warm-up, `uwrt serve` moves every object alive then (bundle, model, sessions) out of the
+    #: garbage collector's reach with gc.freeze() ("freeze"), or leaves the collector as is ("none").
+    gc_after_warmup: str = "freeze"
+    #: Python GC thresholds (gen0, gen1, gen2) `uwrt serve` sets after warm-up; empty = leave
+    #: Python's (700, 10, 10). Larger gen0 thresholds mean fewer but longer pauses: at 7000 one
+    #: young collection took ~2-7 ms on the loaded dev VM, a p99 hazard (bench/RESULTS.md).
+    gc_threshold: tuple[int, ...] = ()
     #: Dynamic batching (see runtime/serving/batching.py).
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
@@ -210,7 +223,9 @@ class RuntimeConfig:
                               ("onnx_optimization", ("none", "ort", "transformer")),
                               ("onnx_attention", ("mha", "matmul")),
                               ("tree_path", TREE_PATH_CHOICES),
-                              ("reasons_path", REASONS_PATH_CHOICES)):
+                              ("reasons_path", REASONS_PATH_CHOICES),
+                              ("batch_runner", ("inline", "thread")),
+                              ("gc_after_warmup", ("freeze", "none"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.fallback_encoder_backend not in ("",) + ENCODER_BACKEND_CHOICES:
@@ -230,6 +245,8 @@ class RuntimeConfig:
             raise ValueError(f"bundle_digest must be 12 to 64 lowercase hex digits, got {self.bundle_digest!r}")
         if self.require_signature and not self.trusted_key_paths():
             raise ValueError("require_signature needs trusted_keys (comma-separated public key files)")
+        if self.gc_threshold and (len(self.gc_threshold) != 3 or any(t < 0 for t in self.gc_threshold)):
+            raise ValueError(f"gc_threshold must be empty or three non-negative integers, got {self.gc_threshold!r}")
 
     def trusted_key_paths(self) -> tuple[str, ...]:
         """trusted_keys split on commas, blanks dropped."""

@@ -82,6 +82,10 @@ class Pipeline:
             booster = load_booster(bundle.tree_model_bytes(), nthread=tree_threads)
             self.trees, self.explainer, self.tree_report = trees, TreeExplainer(booster), {"reasons": "xgboost"}
         self.identity = bundle.identity()
+        # every response starts as a copy of this (model identity, path): one CopyFrom instead of
+        # a constructor with keywords plus a CopyFrom of the identity (~2.5 vs ~6 us a response)
+        self._template = pb.DecisionResponse(path=pb.MODEL)
+        self._template.model.CopyFrom(self.identity)
         self.reason_codes = self.schema.reason_codes
         if self.trees.num_features != len(self.schema.features):
             raise ValueError(f"tree stage expects {self.trees.num_features} features, "
@@ -170,18 +174,22 @@ class Pipeline:
 
     def _respond(self, requests: list[pb.DecisionRequest], batch: FeatureBatch, rows: np.ndarray,
                  margin: np.ndarray) -> list[pb.DecisionResponse]:
-        pd = sigmoid(margin)
-        outcomes = [outcome_for(float(p), self.policy) for p in pd]
+        pd = sigmoid(margin).tolist()
+        policy, template = self.policy, self._template
+        outcomes = [outcome_for(p, policy) for p in pd]
         adverse = [j for j, o in enumerate(outcomes) if o in ADVERSE]
         out = []
         for j, r in enumerate(batch.index):
-            resp = pb.DecisionResponse(
-                request_id=batch.request_ids[j], outcome=outcomes[j], probability_of_default=float(pd[j]),
-                score=score_for(float(pd[j]), self.policy), path=pb.MODEL)
-            resp.model.CopyFrom(self.identity)
-            resp.warnings.extend(batch.warnings[j])
+            resp = pb.DecisionResponse()
+            resp.CopyFrom(template)
+            resp.request_id = batch.request_ids[j]
+            resp.outcome = outcomes[j]
+            resp.probability_of_default = pd[j]
+            resp.score = score_for(pd[j], policy)
+            if batch.warnings[j]:
+                resp.warnings.extend(batch.warnings[j])
             if outcomes[j] == pb.COUNTEROFFER:
-                resp.counteroffer_amount_minor = counteroffer_amount(requests[r].purchase.amount_minor, self.policy)
+                resp.counteroffer_amount_minor = counteroffer_amount(requests[r].purchase.amount_minor, policy)
             out.append(resp)
         if adverse:
             contribs = self.explainer.contributions(rows[adverse])

@@ -1,22 +1,36 @@
 """The async driver around the pure batching policy (`uwrt.runtime.serving.batching.plan`).
 
-    submit() --queue--> driver loop: plan(queue, clock.now_us()) --> expire / dispatch / sleep
-                                      dispatch --> run_batch(items) on `executor` (one thread)
+    submit()/enqueue() --queue--> _drive(): plan(queue, clock.now_us()) --> expire / dispatch / arm timer
+                                  dispatch --> run_batch(items) on `executor` (one thread), or inline
 
-The loop re-plans on every arrival, cancellation, batch completion and wake-up (events that
-arrive together are handled by one plan call), so the event loop keeps accepting requests while
-a batch computes; one batch is in flight at a time. Expired requests are failed with
-DeadlineExpired as soon as the policy says so, even while a batch runs. Every submitted request
-ends in exactly one of: its result, DeadlineExpired, the exception run_batch raised, BatcherClosed
-(drain timed out, or the loop itself failed), or the caller's cancellation.
+The driver is a plain callback on the event loop, not a task: every event that can change the
+plan (an arrival while the worker is free, a cancellation, a batch completion, the wake-up
+timer) schedules one `_drive` with `call_soon`, and the events of one loop iteration share it.
+Its cost per event does not grow with the backlog: an arrival while the worker is busy never
+calls the policy (the policy can then only expire, and the armed timer already covers every
+queued request's expiry; the new request can only move that timer earlier), the queue's token
+sum is kept incrementally for admission, and while the worker is free the queue holds at most
+one batch being formed (any backlog dispatches at once). There is one timer, moved only when the
+next wake-up comes earlier. Expired requests are failed with DeadlineExpired as soon as the
+policy says so, even while a batch runs (thread mode). Every submitted request ends in exactly
+one of: its result, DeadlineExpired, the exception run_batch raised, BatcherClosed (drain timed
+out, or the driver itself failed), or the caller's cancellation.
+
+Where batches run (`executor`): a one-thread executor ("thread" mode: the loop keeps accepting
+and expiring while a batch computes; a hand-off per batch costs two thread wake-ups), or None
+("inline" mode: run_batch runs on the loop's own thread inside `_drive`, and the loop reads the
+requests that arrived meanwhile right after it; no hand-off, no context switches, but nothing is
+accepted or expired while a batch computes, so a deadline can only be seen missed after it).
+With one core per process the thread buys no parallelism (runtime/config.py `batch_runner`).
 
 Time comes only from the injected `Clock`, so tests drive the batcher with a fake clock and
-never sleep. `MonotonicClock` is the production clock; its wake-ups can be late by the event
+never sleep. `MonotonicClock` is the production clock; its timers can be late by the event
 loop's timer granularity (about 1 ms with the default epoll selector), which
 `BatchingConfig.deadline_margin_us` absorbs.
 
-Thread safety: a Batcher belongs to one event loop; call submit/start/drain/stats from it.
-`run_batch` runs on the executor's thread and is never called concurrently with itself.
+Thread safety: a Batcher belongs to one event loop; call submit/enqueue/cancel/start/drain/stats
+from it. `run_batch` runs on the executor's thread (or the loop's, inline) and is never called
+concurrently with itself.
 """
 from __future__ import annotations
 
@@ -32,7 +46,7 @@ from typing import Any, Protocol
 import grpc
 
 from uwrt.runtime.errors import UwrtError
-from uwrt.runtime.serving.batching import BatchingConfig, CostModel, Pending, plan
+from uwrt.runtime.serving.batching import BatchingConfig, CostModel, Pending, expiry_us, plan
 
 __all__ = ["Batcher", "BatcherClosed", "Clock", "DeadlineExpired", "MonotonicClock", "QueueFull"]
 
@@ -55,7 +69,9 @@ class BatcherClosed(UwrtError):
 
 
 class Clock(Protocol):
-    """Microsecond time source for the batcher. Tests pass a fake."""
+    """Microsecond time source for the batcher. Tests pass a fake. A clock may also offer
+    `call_at(t_us, callback) -> handle with cancel()` (a loop timer, cheaper than a task that
+    sleeps); the batcher uses it when present."""
 
     def now_us(self) -> int: ...
 
@@ -73,6 +89,10 @@ class MonotonicClock:
         delay_us = t_us - self.now_us()
         if delay_us > 0:
             await asyncio.sleep(delay_us / 1e6)
+
+    def call_at(self, t_us: int, callback: Callable[[], object]) -> asyncio.TimerHandle:
+        """Run `callback` on the running loop at `t_us` (the loop's clock is time.monotonic too)."""
+        return asyncio.get_running_loop().call_at(t_us / 1e6, callback)
 
 
 @dataclass(eq=False, slots=True)
@@ -99,12 +119,14 @@ class Batcher:
     answers items[i]; a result may itself be an error object, it is returned as is).
 
     `tokens_of(item)` gives the item's encoder tokens (clamped to >= 1); `cost` defaults to a
-    fresh CostModel and is fed every successful batch's measured time. Call `await start()` on
-    the serving loop, `await submit(...)` per request, `await drain(timeout_s)` to stop.
+    fresh CostModel and is fed every successful batch's measured time. `executor`: where
+    run_batch runs (one thread); None runs it inline on the event loop's thread (see the module
+    docstring). Call `await start()` on the serving loop, `await submit(...)` per request (or
+    `enqueue` + the entry's future), `await drain(timeout_s)` to stop.
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], cfg: BatchingConfig, *, clock: Clock,
-                 executor: concurrent.futures.Executor, cost: CostModel | None = None,
+                 executor: concurrent.futures.Executor | None, cost: CostModel | None = None,
                  tokens_of: Callable[[Any], int]) -> None:
         self.run_batch = run_batch
         self.cfg = cfg
@@ -113,36 +135,38 @@ class Batcher:
         self.cost = cost if cost is not None else CostModel()
         self.tokens_of = tokens_of
         self._queue: dict[int, _Entry] = {}          # seq -> entry, in arrival order
+        self._queued_tokens = 0                      # sum of the queued entries' tokens
         self._seq = itertools.count()
-        self._inflight: asyncio.Task | None = None   # the running batch
+        self._inflight: list[_Entry] | None = None   # the running batch (thread mode)
         self._inflight_until_us = 0                  # its predicted end
-        self._wake: asyncio.Event | None = None      # set on every event the loop must see
-        self._timer: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False                      # a _drive call is pending on the loop
+        self._timer: Any = None                      # handle with cancel(): the one wake-up timer
         self._timer_at: int | None = None
-        self._task: asyncio.Task | None = None
+        self._finished: asyncio.Future | None = None  # result: the driver ended cleanly (True) or failed
+        self._settle_until: int | None = None          # inline: gathering arrivals after a batch until then
+        self._settle_seen = 0
+        self._settle_idle = 0
+        self._stopped = False
         self._closing = False
         self._stats = _Stats()
 
     # ---------------------------------------------------------------- public API
 
     async def start(self) -> None:
-        """Start the driver loop on the running event loop (idempotent)."""
-        if self._task is None:
+        """Start the driver on the running event loop (idempotent)."""
+        if self._loop is None:
             if self._closing:
                 raise BatcherClosed("batcher is closed")
-            self._wake = asyncio.Event()
-            self._task = asyncio.create_task(self._loop(), name="uwrt-batcher")
+            self._loop = asyncio.get_running_loop()
+            self._finished = self._loop.create_future()
 
-    async def submit(self, item: Any, *, priority: int = 0, deadline_us: int | None = None) -> tuple[Any, int]:
-        """Queue `item`; return (result, queue_us) once its batch ran (queue_us: time from
-        arrival to dispatch on the batcher's clock). `deadline_us` is absolute on that clock.
-
-        Raises QueueFull (max_queue queued), BatcherClosed (draining/stopped), DeadlineExpired
-        (policy gave up on it), or whatever run_batch raised for its batch. If the caller is
-        cancelled while the item is queued, the item is removed and never runs; once its batch
-        started, the batch completes and the result is dropped.
-        """
-        if self._closing or self._task is None:
+    def enqueue(self, item: Any, *, priority: int = 0, deadline_us: int | None = None) -> _Entry:
+        """Admit `item` and queue it; its `future` resolves to the result (or the exception) and
+        `queue_us` is set when it is dispatched. Raises QueueFull / BatcherClosed /
+        DeadlineExpired at once when it is refused. The caller must `cancel(entry)` if it stops
+        waiting. `submit` wraps this."""
+        if self._closing or self._loop is None:
             raise BatcherClosed("batcher is closed" if self._closing else "batcher is not started")
         if len(self._queue) >= self.cfg.max_queue:
             self._stats.rejected += 1
@@ -161,29 +185,58 @@ class Batcher:
             raise QueueFull(f"predicted queue wait {wait / 1000:.1f} ms exceeds max_queue_delay_us "
                             f"({self.cfg.max_queue_delay_us / 1000:.1f} ms)")
         seq = next(self._seq)
-        entry = _Entry(Pending(seq, priority, now, deadline_us, tokens), item,
-                       asyncio.get_running_loop().create_future())
+        pending = Pending(seq, priority, now, deadline_us, tokens)
+        entry = _Entry(pending, item, self._loop.create_future())
         self._queue[seq] = entry
-        self._poke()
+        self._queued_tokens += tokens
+        if self._inflight is not None or self._settle_until is not None:
+            # The worker is busy: the policy can only expire requests until it frees (its
+            # completion re-plans), and the others' expiries are already on the timer, so the
+            # only new reason to wake is this request's own expiry. O(1): no plan() call.
+            if deadline_us is not None:
+                self._arm_timer(expiry_us(pending, self.cost))
+        else:
+            self._kick()
+        return entry
+
+    def cancel(self, entry: _Entry) -> bool:
+        """The caller stopped waiting: remove a queued entry (it never runs; True) and cancel
+        its future. An entry already dispatched runs; its result is dropped."""
+        removed = self._pop(entry.pending.seq) is not None
+        if removed:
+            self._stats.cancelled += 1
+            if self._inflight is None:
+                self._kick()        # the head or the batch being formed may have changed
+        entry.future.cancel()
+        return removed
+
+    async def submit(self, item: Any, *, priority: int = 0, deadline_us: int | None = None) -> tuple[Any, int]:
+        """Queue `item`; return (result, queue_us) once its batch ran (queue_us: time from
+        arrival to dispatch on the batcher's clock). `deadline_us` is absolute on that clock.
+
+        Raises QueueFull (max_queue queued), BatcherClosed (draining/stopped), DeadlineExpired
+        (policy gave up on it), or whatever run_batch raised for its batch. If the caller is
+        cancelled while the item is queued, the item is removed and never runs; once its batch
+        started, the batch completes and the result is dropped.
+        """
+        entry = self.enqueue(item, priority=priority, deadline_us=deadline_us)
         try:
             result = await entry.future
         except asyncio.CancelledError:
-            if self._queue.pop(seq, None) is not None:
-                self._stats.cancelled += 1
-                self._poke()
+            self.cancel(entry)
             raise
         return result, entry.queue_us
 
     def predicted_wait_us(self, now_us: int) -> int:
         """Predicted time until a request arriving now could start: the rest of the running batch
         plus every queued request, run in full batches (cost model). Conservative for high
-        priorities, which may overtake part of the queue."""
+        priorities, which may overtake part of the queue. O(1): token sums are kept as requests
+        come and go."""
         wait = max(0, self._inflight_until_us - now_us) if self._inflight is not None else 0
         n = len(self._queue)
         if n:
-            tokens = sum(e.pending.tokens for e in self._queue.values())
             full = -(-n // self.cfg.max_batch_size)
-            wait += self.cost.predict(n, tokens) + (full - 1) * self.cost.predict(0, 0)
+            wait += self.cost.predict(n, self._queued_tokens) + (full - 1) * self.cost.predict(0, 0)
         return wait
 
     async def drain(self, timeout_s: float) -> bool:
@@ -192,19 +245,15 @@ class Batcher:
         `timeout_s` (real time); otherwise every unfinished request fails with BatcherClosed
         (a batch already running on the worker thread cannot be interrupted) and False."""
         self._closing = True
-        if self._task is None:
+        if self._finished is None:
             return True
-        self._poke()
-        done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
-        if done:
-            return not self._task.cancelled() and self._task.exception() is None  # failures were logged
-        self._task.cancel()
-        inflight = self._inflight
-        await asyncio.wait({self._task})
-        self._fail_all(BatcherClosed(f"batcher drain timed out after {timeout_s}s"))
-        if inflight is not None:
-            await asyncio.wait({inflight})          # its members are failed with BatcherClosed
-        return False
+        self._kick()
+        try:
+            return bool(await asyncio.wait_for(asyncio.shield(self._finished), timeout_s))
+        except TimeoutError:
+            self._stop()
+            self._fail_all(BatcherClosed(f"batcher drain timed out after {timeout_s}s"))
+            return False
 
     def stats(self) -> dict[str, float]:
         """Counters since start, plus mean_batch_size and the current queue depth."""
@@ -216,95 +265,200 @@ class Batcher:
 
     # ---------------------------------------------------------------- driver
 
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+    def _pop(self, seq: int) -> _Entry | None:
+        e = self._queue.pop(seq, None)
+        if e is not None:
+            self._queued_tokens -= e.pending.tokens
+        return e
 
-    async def _loop(self) -> None:
-        assert self._wake is not None
-        try:
-            while True:
-                self._wake.clear()
-                now = self.clock.now_us()
-                p = plan((e.pending for e in self._queue.values()), now, self.cfg, self.cost,
-                         worker_free=self._inflight is None, flush=self._closing)
-                for seq in p.expire:
-                    e = self._queue.pop(seq)
-                    self._stats.expired += 1
-                    _settle(e.future, exc=DeadlineExpired(
-                        f"deadline cannot be met (queued {now - e.pending.arrival_us} us)"))
-                if p.dispatch:
-                    entries = [self._queue.pop(seq) for seq in p.dispatch]
-                    for e in entries:
-                        e.queue_us = now - e.pending.arrival_us
-                    self._inflight = asyncio.create_task(self._execute(entries))
-                    continue    # re-plan at once: the worker is busy now, only expiry matters
-                if self._closing and not self._queue and self._inflight is None:
-                    return
-                self._arm_timer(p.wake_at_us)
-                await self._wake.wait()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:   # a bug in the loop: never strand a caller
-            log.exception("batcher loop failed")
-            self._closing = True
-            self._fail_all(BatcherClosed(f"batcher failed: {type(exc).__name__}: {exc}"))
-            raise
-        finally:
-            self._arm_timer(None)
+    def _kick(self) -> None:
+        """Run the driver soon, once for every event of this loop iteration (coalesced)."""
+        if not self._scheduled and not self._stopped and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._drive)
 
-    def _arm_timer(self, at_us: int | None) -> None:
-        """Keep exactly one wake-up timer, at `at_us` (None: none)."""
-        if at_us == self._timer_at and self._timer is not None and not self._timer.done():
+    def _drive(self) -> None:
+        """One planning pass: expire, dispatch (possibly several batches inline), arm the timer."""
+        self._scheduled = False
+        if self._stopped:
             return
+        try:
+            now = self.clock.now_us()
+            settling = self._settle_until is not None and self._settling(now)
+            p = plan([e.pending for e in self._queue.values()], now, self.cfg, self.cost,
+                     worker_free=self._inflight is None and not settling, flush=self._closing)
+            for seq in p.expire:
+                e = self._pop(seq)
+                assert e is not None
+                self._stats.expired += 1
+                _settle(e.future, exc=DeadlineExpired(
+                    f"deadline cannot be met (queued {now - e.pending.arrival_us} us)"))
+            if p.dispatch:
+                entries = []
+                for seq in p.dispatch:
+                    e = self._pop(seq)
+                    assert e is not None
+                    e.queue_us = now - e.pending.arrival_us
+                    entries.append(e)
+                if self.executor is None:
+                    self._run_inline(entries)
+                    # requests that arrived during the batch wait in gRPC, which hands the loop one
+                    # new call per round trip: gather them before forming the next batch
+                    self._settle_until = self.clock.now_us() + self.cfg.max_wait_us
+                    self._settle_seen, self._settle_idle = len(self._queue), 0
+                    self._kick()
+                else:
+                    self._start_thread(entries)
+                    self._drive_busy(now)
+                return
+            if settling:
+                self._kick()            # look again next loop iteration
+                return
+            if self._closing and not self._queue and self._inflight is None:
+                self._stop()
+                if self._finished is not None and not self._finished.done():
+                    self._finished.set_result(True)
+                return
+            self._arm_timer(p.wake_at_us)
+        except BaseException as exc:   # a bug in the driver: never strand a caller
+            log.exception("batcher driver failed")
+            self._closing = True
+            self._stop()
+            self._fail_all(BatcherClosed(f"batcher failed: {type(exc).__name__}: {exc}"))
+            if self._finished is not None and not self._finished.done():
+                self._finished.set_result(False)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _settling(self, now: int) -> bool:
+        """Inline mode, right after a batch: still gathering the calls that arrived during it?
+        Until two loop iterations in a row bring no new request (gRPC hands over one new call per
+        round trip), at most max_wait_us; never while draining or with a full batch queued."""
+        assert self._settle_until is not None
+        n = len(self._queue)
+        if n > self._settle_seen:
+            self._settle_seen, self._settle_idle = n, 0
+        else:
+            self._settle_idle += 1
+        if (self._settle_idle >= 2 or now >= self._settle_until or self._closing
+                or n >= self.cfg.max_batch_size):
+            self._settle_until = None
+            return False
+        return True
+
+    def _drive_busy(self, now: int) -> None:
+        """Right after a dispatch to the worker: only expiry matters until it frees."""
+        p = plan([e.pending for e in self._queue.values()], now, self.cfg, self.cost, worker_free=False,
+                 flush=self._closing) if self._queue else None
+        if p is not None:
+            for seq in p.expire:
+                e = self._pop(seq)
+                assert e is not None
+                self._stats.expired += 1
+                _settle(e.future, exc=DeadlineExpired(
+                    f"deadline cannot be met (queued {now - e.pending.arrival_us} us)"))
+            self._arm_timer(p.wake_at_us)
+
+    def _stop(self) -> None:
+        self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+            self._timer, self._timer_at = None, None
+
+    def _arm_timer(self, at_us: int | None) -> None:
+        """Keep one wake-up timer. It is moved only when `at_us` is earlier than the armed time;
+        a timer that fires for nothing costs one plan() call, re-arming costs more."""
+        if at_us is None or self._stopped:
+            return
+        if self._timer is not None:
+            if self._timer_at is not None and self._timer_at <= at_us:
+                return
+            self._timer.cancel()
         self._timer_at = at_us
-        if at_us is not None:
-            self._timer = asyncio.create_task(self._sleep_then_poke(at_us))
+        call_at = getattr(self.clock, "call_at", None)
+        if call_at is not None:
+            self._timer = call_at(at_us, self._on_timer)
+        else:       # a clock with only sleep_until (tests' fake clocks)
+            assert self._loop is not None
+            self._timer = self._loop.create_task(self._sleep_then(at_us))
 
-    async def _sleep_then_poke(self, at_us: int) -> None:
+    async def _sleep_then(self, at_us: int) -> None:
         await self.clock.sleep_until(at_us)
-        self._poke()
+        self._on_timer()
 
-    async def _execute(self, entries: list[_Entry]) -> None:
-        """Run one batch on the executor; settle every member's future exactly once."""
-        items = [e.item for e in entries]
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, None
+        if not self._scheduled:
+            self._drive()
+
+    def _call(self, items: list[Any]) -> list[Any]:
+        results = self.run_batch(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} requests")
+        return results
+
+    def _begin(self, entries: list[_Entry]) -> tuple[int, int, int]:
         n, tokens = len(entries), sum(e.pending.tokens for e in entries)
         self._stats.batches += 1
         self._stats.requests += n
-        loop = asyncio.get_running_loop()
-        t0 = self.clock.now_us()
-        self._inflight_until_us = t0 + self.cost.predict(n, tokens)
+        return n, tokens, self.clock.now_us()
+
+    def _run_inline(self, entries: list[_Entry]) -> None:
+        """Run one batch here, on the loop's thread; settle every member's future exactly once."""
+        n, tokens, t0 = self._begin(entries)
         try:
-            results = await loop.run_in_executor(self.executor, self.run_batch, items)
-            if len(results) != n:
-                raise RuntimeError(f"run_batch returned {len(results)} results for {n} requests")
-        except asyncio.CancelledError:   # drain timed out: the worker thread may still be running
+            results = self._call([e.item for e in entries])
+        except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+            self._stats.failed += n
             for e in entries:
-                if _settle(e.future, exc=BatcherClosed("batcher stopped while the batch was running")):
-                    self._stats.closed += 1
-            raise
-        except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+                _settle(e.future, exc=exc)
+            return
+        self.cost.observe(n, tokens, self.clock.now_us() - t0)
+        for e, r in zip(entries, results, strict=True):
+            _settle(e.future, result=r)
+
+    def _start_thread(self, entries: list[_Entry]) -> None:
+        """Hand one batch to the executor; its completion comes back through call_soon_threadsafe."""
+        assert self.executor is not None and self._loop is not None
+        n, tokens, t0 = self._begin(entries)
+        self._inflight = entries
+        self._inflight_until_us = t0 + self.cost.predict(n, tokens)
+        loop = self._loop
+
+        def done(f: concurrent.futures.Future) -> None:    # on the worker thread (or inline in tests)
+            try:
+                loop.call_soon_threadsafe(self._finish_thread, entries, f, n, tokens, t0)
+            except RuntimeError:        # the loop is closed: drain timed out and its callers were failed
+                pass
+
+        self.executor.submit(self._call, [e.item for e in entries]).add_done_callback(done)
+
+    def _finish_thread(self, entries: list[_Entry], f: concurrent.futures.Future, n: int, tokens: int,
+                       t0: int) -> None:
+        if self._inflight is entries:
+            self._inflight = None
+        exc = f.exception()
+        if exc is not None:
             self._stats.failed += n
             for e in entries:
                 _settle(e.future, exc=exc)
         else:
             self.cost.observe(n, tokens, self.clock.now_us() - t0)
-            for e, r in zip(entries, results, strict=True):
+            for e, r in zip(entries, f.result(), strict=True):
                 _settle(e.future, result=r)
-        finally:
-            self._inflight = None
-            self._poke()
+        self._kick()
 
     def _fail_all(self, exc: BaseException) -> None:
         for e in self._queue.values():
             if _settle(e.future, exc=exc):
                 self._stats.closed += 1
         self._queue.clear()
+        self._queued_tokens = 0
         if self._inflight is not None:
-            self._inflight.cancel()
+            for e in self._inflight:
+                if _settle(e.future, exc=BatcherClosed("batcher stopped while the batch was running")):
+                    self._stats.closed += 1
+            self._inflight = None
 
 
 def _settle(fut: asyncio.Future, *, result: Any = None, exc: BaseException | None = None) -> bool:

@@ -1,11 +1,16 @@
 """`uwrt serve`: the gRPC decision server (grpc.aio) with deadline-aware dynamic batching.
 
-One process, one event loop, one model worker thread:
+One process, one event loop, and where each batch runs (`batch_runner`):
 
-    gRPC handlers (event loop) --submit--> Batcher (pure policy + async driver, event loop)
-        --batch--> Pipeline.decide in a 1-thread executor (torch and xgboost release the GIL)
+    gRPC handlers (event loop) --enqueue--> Batcher (pure policy + callback driver, event loop)
+        --batch--> Pipeline.decide in a 1-thread executor ("thread", default: torch/ORT/xgboost
+                   release the GIL, so the loop keeps accepting while a batch computes, at two
+                   thread wake-ups per batch), or inline on the loop's thread ("inline")
 
-so the loop keeps accepting while a batch computes. Health (`grpc.health.v1`) is NOT_SERVING
+Per request the handlers do no more than: size check, enqueue (a future, no task), await it,
+stamp the timing. DecideStream adds a done-callback per request (no task per message). After
+warm-up the process freezes what is alive into the GC's permanent generation and, if configured,
+sets the GC thresholds (`gc_after_warmup`, `gc_threshold`). Health (`grpc.health.v1`) is NOT_SERVING
 until the bundle is loaded and every (batch size x token bucket) shape the batcher can form
 has been run once; SERVING after. Reflection is on. SIGTERM/SIGINT: health goes NOT_SERVING,
 new RPCs are refused (UNAVAILABLE), queued and in-flight requests finish within `grace_s`,
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import gc
 import logging
 import signal
 import time
@@ -38,7 +45,7 @@ from uwrt.runtime.errors import InvalidRequest, UwrtError
 from uwrt.runtime.featurize import Limits
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.pipeline import Pipeline, StageTimes
-from uwrt.runtime.serving.batcher import Batcher, MonotonicClock
+from uwrt.runtime.serving.batcher import Batcher, MonotonicClock, _Entry
 from uwrt.runtime.serving.ports import PortUnavailable, format_address
 from uwrt.runtime.serving.warmup import warmup_batches
 from uwrt.runtime.serving.workers import worker_settings
@@ -67,25 +74,42 @@ class ServingRuntime:
         self.profile = profile
         self.profile_reason = profile_reason
         self.max_history = pipeline.encoder_config.max_history
+        # the executor runs the warm-up (off the loop, so health answers meanwhile), and the batches
+        # when batch_runner == "thread"
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="uwrt-model")
         self.clock = MonotonicClock()
-        self.batcher = Batcher(self._run_batch, cfg.batching, clock=self.clock, executor=self.executor,
+        self.batcher = Batcher(self._run_batch, cfg.batching, clock=self.clock,
+                               executor=None if cfg.batch_runner == "inline" else self.executor,
                                tokens_of=self._tokens_of)
         self.batch_sizes: list[int] = []     # recent batch sizes, for tests and GetModelInfo
         #: extra GetModelInfo settings (the worker process and the supervisor's view of all workers)
         self.info_sources: list[Callable[[], Mapping[str, str]]] = []
+        self.gc_stats = _GcStats()
+        self._gc_before: tuple[int, int, int] | None = None
 
     def _tokens_of(self, req: pb.DecisionRequest) -> int:
         return max(1, min(len(req.history.type), self.max_history))
 
     def _run_batch(self, reqs: list[pb.DecisionRequest]) -> list:
-        """Runs on the worker thread."""
+        """Runs on the worker thread (or the loop's, inline)."""
         self.batch_sizes.append(len(reqs))
-        del self.batch_sizes[:-1000]
+        if len(self.batch_sizes) > 2000:
+            del self.batch_sizes[:-1000]
         return self.pipeline.decide(reqs, StageTimes())
 
     async def start(self) -> None:
+        """Start the batcher; then (after warm-up: everything long-lived now exists) freeze the
+        heap out of the collector's reach and set the GC thresholds, as configured."""
         await self.batcher.start()
+        self._gc_before = gc.get_threshold()
+        if self.cfg.gc_after_warmup == "freeze":
+            gc.collect()
+            gc.freeze()
+        if self.cfg.gc_threshold:
+            gc.set_threshold(*self.cfg.gc_threshold)
+        self.gc_stats.install()
+        log.info("gc after warm-up: %s, thresholds %s, %d objects frozen", self.cfg.gc_after_warmup,
+                 gc.get_threshold(), gc.get_freeze_count())
 
     def warm_up(self, passes: int = 2) -> list[tuple[int, int, float]]:
         """Run every batch shape the batcher can form (blocking; before reporting SERVING).
@@ -117,18 +141,35 @@ class ServingRuntime:
                     timings.append((len(batch), sum(self._tokens_of(r) for r in batch), us))
         return timings
 
-    async def decide(self, req: pb.DecisionRequest, *, time_remaining_s: float | None) -> pb.DecisionResponse:
-        t0 = time.perf_counter_ns()
+    def enqueue(self, req: pb.DecisionRequest, time_remaining_s: float | None) -> _Entry:
+        """Check the size and queue the request (raises at once when it is refused); the entry's
+        future resolves to the pipeline's result. `finish` turns it into the response."""
         size = req.ByteSize()
         if size > self.cfg.max_request_bytes:
             raise InvalidRequest("request", f"{size} bytes exceeds the limit of {self.cfg.max_request_bytes}")
         deadline_us = None if time_remaining_s is None else self.clock.now_us() + int(time_remaining_s * 1e6)
-        result, queue_us = await self.batcher.submit(req, priority=req.priority, deadline_us=deadline_us)
+        return self.batcher.enqueue(req, priority=req.priority, deadline_us=deadline_us)
+
+    @staticmethod
+    def finish(result: object, queue_us: int, t0_ns: int) -> pb.DecisionResponse:
+        """The response for a pipeline result (raises it when it is an error), timing stamped."""
         if isinstance(result, BaseException):
             raise result
-        result.timing.queue_us = queue_us
-        result.timing.total_us = (time.perf_counter_ns() - t0) // 1000
+        assert isinstance(result, pb.DecisionResponse)
+        tm = result.timing
+        tm.queue_us = queue_us
+        tm.total_us = (time.perf_counter_ns() - t0_ns) // 1000
         return result
+
+    async def decide(self, req: pb.DecisionRequest, *, time_remaining_s: float | None) -> pb.DecisionResponse:
+        t0 = time.perf_counter_ns()
+        entry = self.enqueue(req, time_remaining_s)
+        try:
+            result = await entry.future
+        except asyncio.CancelledError:
+            self.batcher.cancel(entry)
+            raise
+        return self.finish(result, entry.queue_us, t0)
 
     def model_info(self) -> pb.ModelInfo:
         b = self.pipeline.bundle
@@ -159,7 +200,42 @@ class ServingRuntime:
         """True when every queued and running request finished within grace_s."""
         ok = await self.batcher.drain(grace_s)
         self.executor.shutdown(wait=True)
+        self.gc_stats.uninstall()
+        s = self.batcher.stats()
+        log.info("gc while serving: %s (%d requests)", self.gc_stats.summary(), s["requests"])
+        if self._gc_before is not None:       # leave the process's collector as it was (tests run many servers)
+            gc.set_threshold(*self._gc_before)
+            if self.cfg.gc_after_warmup == "freeze":
+                gc.unfreeze()
         return ok
+
+
+class _GcStats:
+    """Collections per generation and the time they took, while serving (a gc callback)."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.ns = [0, 0, 0]
+        self._t0 = 0
+
+    def _cb(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter_ns()
+        else:
+            g = info["generation"]
+            self.count[g] += 1
+            self.ns[g] += time.perf_counter_ns() - self._t0
+
+    def install(self) -> None:
+        if self._cb not in gc.callbacks:
+            gc.callbacks.append(self._cb)
+
+    def uninstall(self) -> None:
+        if self._cb in gc.callbacks:
+            gc.callbacks.remove(self._cb)
+
+    def summary(self) -> str:
+        return " ".join(f"gen{g}={self.count[g]} ({self.ns[g] / 1e6:.1f} ms)" for g in range(3))
 
 
 class UnderwritingService(pb_grpc.UnderwritingServicer):
@@ -179,31 +255,52 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
     async def DecideStream(self, request_iterator: AsyncIterator[pb.DecisionRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecisionResponse]:
         """Each request is decided as soon as its batch completes; responses carry the request id
-        and may come out of order. Per-request failures come back in-band in `error`."""
-        out: asyncio.Queue = asyncio.Queue()
-        pending: set[asyncio.Task] = set()
+        and may come out of order. Per-request failures come back in-band in `error`.
 
-        async def one(req: pb.DecisionRequest) -> None:
-            try:
-                resp = await self.rt.decide(req, time_remaining_s=context.time_remaining())
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                code, msg = _status_of(e)
-                resp = pb.DecisionResponse(request_id=req.request_id)
-                resp.error.code, resp.error.message = code.name, msg
-                if isinstance(e, InvalidRequest):
-                    resp.error.field = e.field
-            await out.put(resp)
+        Per message: enqueue and a done-callback on its future (no task per request); responses
+        go through one queue to this generator. When the stream ends early (client gone), the
+        requests still queued are removed (never run)."""
+        rt = self.rt
+        out: asyncio.Queue = asyncio.Queue()
+        live: dict[int, _Entry] = {}
+        reading = True
+
+        def error_response(req: pb.DecisionRequest, e: Exception) -> pb.DecisionResponse:
+            code, msg = _status_of(e)
+            resp = pb.DecisionResponse(request_id=req.request_id)
+            resp.error.code, resp.error.message = code.name, msg
+            if isinstance(e, InvalidRequest):
+                resp.error.field = e.field
+            return resp
+
+        def done(req: pb.DecisionRequest, entry: _Entry, t0: int, fut: asyncio.Future) -> None:
+            live.pop(id(entry), None)
+            if not fut.cancelled():
+                exc = fut.exception()
+                try:
+                    resp = rt.finish(exc if exc is not None else fut.result(), entry.queue_us, t0)
+                except Exception as e:  # noqa: BLE001 - in-band, never a broken stream
+                    resp = error_response(req, e)
+                out.put_nowait(resp)
+            if not reading and not live:
+                out.put_nowait(None)
 
         async def reader() -> None:
-            async for req in request_iterator:
-                t = asyncio.create_task(one(req))
-                pending.add(t)
-                t.add_done_callback(pending.discard)
-            while pending:
-                await asyncio.gather(*list(pending), return_exceptions=True)
-            await out.put(None)
+            nonlocal reading
+            try:
+                async for req in request_iterator:
+                    t0 = time.perf_counter_ns()
+                    try:
+                        entry = rt.enqueue(req, context.time_remaining())
+                    except Exception as e:  # noqa: BLE001
+                        out.put_nowait(error_response(req, e))
+                        continue
+                    live[id(entry)] = entry
+                    entry.future.add_done_callback(functools.partial(done, req, entry, t0))
+            finally:
+                reading = False
+                if not live:
+                    out.put_nowait(None)
 
         read_task = asyncio.create_task(reader())
         try:
@@ -215,8 +312,8 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
             await read_task
         finally:
             read_task.cancel()
-            for t in list(pending):
-                t.cancel()
+            for entry in list(live.values()):
+                rt.batcher.cancel(entry)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.rt.model_info()

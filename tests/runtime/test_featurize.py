@@ -6,7 +6,7 @@ import pytest
 from tests.factories import AS_OF, make_request
 from uwrt.runtime.bundle.schema import EncoderConfig, FeatureSchema, FeatureSpec, RequestLimits
 from uwrt.runtime.errors import InvalidRequest
-from uwrt.runtime.featurize import Limits, featurize, hash_mcc
+from uwrt.runtime.featurize import Limits, featurize, featurize_reference, hash_mcc
 from uwrt.runtime.pb import pb
 
 # the factory's requests carry no applicant features unless asked: this schema imputes any number
@@ -209,3 +209,69 @@ def test_batch_featurization_equals_one_by_one(rng):
     joined = type(fb.events).concat(parts)
     for f in ("type_ids", "mcc_ids", "numeric", "cu_seqlens"):
         np.testing.assert_array_equal(getattr(fb.events, f), getattr(joined, f))
+
+
+def _mixed_batch(rng, n_requests, max_history):
+    """Random requests with every edge case: empty, one event, exactly / just over max_history,
+    the request limit, bad events at random positions, bad envelopes, imputed features."""
+    lens = [0, 1, 2, max_history - 1, max_history, max_history + 1, 3 * max_history, 64]
+    reqs = []
+    for i in range(n_requests):
+        n = int(rng.choice(lens)) if rng.random() < 0.5 else int(rng.integers(0, 2 * max_history))
+        feats = {} if rng.random() < 0.3 else {"dti": float(rng.random()),
+                                                "bureau_score": float(rng.integers(300, 851))}
+        r = make_request(n, rng, request_id=f"x{i}", features=feats)
+        kind = int(rng.integers(0, 12))
+        if n and kind == 0:
+            r.history.type[int(rng.integers(n))] = int(rng.choice([0, 99, -4]))
+        elif n and kind == 1:
+            r.history.amount_minor[int(rng.integers(n))] = -int(rng.integers(1, 10))
+        elif n > 1 and kind == 2:
+            j = int(rng.integers(1, n))
+            r.history.timestamp_unix_s[j] = r.history.timestamp_unix_s[j - 1] + 1
+        elif n and kind == 3:
+            r.history.timestamp_unix_s[int(rng.integers(n))] = r.as_of.seconds + 10
+        elif kind == 4:
+            r.purchase.amount_minor = 0
+        elif n and kind == 5:
+            r.history.mcc.append(1)                          # column lengths differ
+        elif kind == 6:
+            r.features["dti"] = float("nan")
+        reqs.append(r)
+    return reqs
+
+
+@pytest.mark.parametrize("max_history", [1, 8, 16, 33])
+def test_fast_path_equals_reference(rng, max_history):
+    """`featurize` (the serving path) == `featurize_reference`, to the bit, on random mixed batches
+    (every edge case; several batch sizes, including all-invalid and single requests)."""
+    enc = EncoderConfig(max_history=max_history)
+    limits = Limits(max_request_events=2 * max_history + 40)
+    for size in (1, 2, 7, 40):
+        for _ in range(3):
+            reqs = _mixed_batch(rng, size, max_history)
+            fb, errors = featurize(reqs, SCHEMA, enc, limits)
+            rf, rerrors = featurize_reference(reqs, SCHEMA, enc, limits)
+            assert sorted(errors) == sorted(rerrors)
+            for i in errors:
+                assert (errors[i].field, str(errors[i])) == (rerrors[i].field, str(rerrors[i]))
+            assert fb.index == rf.index and fb.request_ids == rf.request_ids
+            for f in ("type_ids", "mcc_ids", "numeric", "cu_seqlens"):
+                a, b = getattr(fb.events, f), getattr(rf.events, f)
+                assert a.dtype == b.dtype and a.shape == b.shape
+                np.testing.assert_array_equal(a, b)
+            assert fb.events.max_len == rf.events.max_len
+            assert fb.tabular.dtype == rf.tabular.dtype
+            np.testing.assert_array_equal(fb.tabular, rf.tabular)
+            assert ([[(w.code, w.detail) for w in ws] for ws in fb.warnings]
+                    == [[(w.code, w.detail) for w in ws] for ws in rf.warnings])
+
+
+def test_fast_path_empty_and_all_invalid(rng):
+    fb, errors = featurize([], SCHEMA, ENC)
+    assert fb.batch_size == 0 and fb.events.batch_size == 0 and fb.tabular.shape == (0, 6) and not errors
+    bad = make_request(3, rng)
+    bad.history.type[1] = 99
+    fb, errors = featurize([bad, bad], SCHEMA, ENC)
+    assert fb.batch_size == 0 and fb.events.n_tokens == 0 and sorted(errors) == [0, 1]
+    assert errors[0].field == "history.type[1]"

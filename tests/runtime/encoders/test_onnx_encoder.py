@@ -18,6 +18,7 @@ from uwrt.runtime.encoders.onnx_encoder import (
     cache_dir_for,
     encoder_key,
     fusion_report,
+    onnx_feed,
 )
 from uwrt.runtime.encoders.torch_encoder import TorchEncoderBackend
 from uwrt.runtime.featurize import Limits, featurize
@@ -170,3 +171,24 @@ def test_cache_defaults_to_bundle_then_user_dir(small_bundle, tmp_path, monkeypa
     not_a_dir.write_text("x")                          # cache/ cannot be created under a file (even as root)
     assert cache_dir_for(not_a_dir) == tmp_path / "xdg" / "uwrt" / "onnx"
     assert cache_dir_for(small_bundle, str(tmp_path / "mine")) == tmp_path / "mine"
+
+
+def test_fast_feed_equals_reference(rng, pair):
+    """The serving path's inputs (FeedBuilder) == `onnx_feed`'s (filtered to the session's inputs),
+    dtype, shape and value, and the embeddings agree to the bit, on edge and random lengths."""
+    _, be = pair
+    cases = [EDGE, [1], [8], [9], [CFG.max_history], list(rng.integers(1, CFG.max_history + 1, 37)),
+             list(rng.integers(1, 9, 50)), list(rng.integers(9, 17, 5)), [int(rng.integers(1, CFG.max_history + 1))]]
+    for lengths in cases:
+        ev = random_packed(lengths, rng)
+        ref = {k: v for k, v in onnx_feed(ev, be.buckets).items() if k in be.input_names}
+        got = be.feeder.feed(ev)
+        assert got.keys() == ref.keys(), lengths
+        for k in ref:
+            assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, (k, lengths)
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{k} for lengths {lengths}")
+        np.testing.assert_array_equal(be.encode(ev), be.encode_reference(ev))
+    with pytest.raises(ValueError, match="longer than the exported buckets"):
+        be.feeder.feed(random_packed([3, CFG.max_history + 1], rng))
+    # the shared empties of absent buckets are never written to
+    assert all(not a.flags.writeable for e in be.feeder.empty.values() for a in e.values())

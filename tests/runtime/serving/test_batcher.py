@@ -388,3 +388,106 @@ def test_admission_by_predicted_wait():
         assert await drain is True
         assert all(t.done() for t in first + queued) and ok.done()
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ inline mode and the O(1) driver
+
+async def setup_inline(cfg=CFG, cost=None):
+    clock, rec = FakeClock(), Recorder()
+    b = Batcher(rec, cfg, clock=clock, executor=None, cost=cost or CostModel(100, 10, 0), tokens_of=lambda x: 5)
+    await b.start()
+    return b, clock, rec
+
+
+def test_inline_batches_run_on_the_loop_and_form_the_same_batches():
+    async def main():
+        b, clock, rec = await setup_inline()
+        first = [spawn(b, i) for i in range(6)]                # one full batch now; 2 wait for company
+        await turn()
+        assert rec.batches == [[0, 1, 2, 3]] and [t.result()[0] for t in first[:4]] == [0, 10, 20, 30]
+        assert not first[4].done() and b.stats()["queued"] == 2
+        clock.advance(1000)
+        await turn()
+        assert rec.batches[1] == [4, 5] and [outcome(t) for t in first[4:]] == [(40, 1000), (50, 1000)]
+        rec.fail = ValueError("boom")                          # an error reaches every member, the batcher goes on
+        bad = [spawn(b, i) for i in range(4)]
+        await turn()
+        for t in bad:
+            with pytest.raises(ValueError, match="boom"):
+                t.result()
+        rec.fail = None
+        late = spawn(b, 7, deadline_us=clock.now_us() - 1)      # unreachable on arrival
+        await turn()
+        with pytest.raises(DeadlineExpired):
+            outcome(late)
+        s = b.stats()
+        assert s["failed"] == 4 and s["expired"] == 1 and s["batches"] == 3
+        assert await b.drain(1.0)
+    asyncio.run(main())
+
+
+def test_inline_drain_flushes_without_waiting_and_then_refuses():
+    async def main():
+        b, clock, rec = await setup_inline()
+        ts = [spawn(b, i) for i in range(6)]
+        await turn()
+        assert await b.drain(5.0) is True
+        assert rec.batches == [[0, 1, 2, 3], [4, 5]] and [t.result()[0] for t in ts] == [0, 10, 20, 30, 40, 50]
+        with pytest.raises(BatcherClosed):
+            await b.submit(9)
+    asyncio.run(main())
+
+
+def test_arrivals_while_busy_do_not_replan_but_expiry_still_fires(monkeypatch):
+    """While a batch runs, arrivals never call plan() (O(1) per event); a queued request whose
+    deadline becomes unreachable is still failed at its expiry time, by the one timer."""
+    import uwrt.runtime.serving.batcher as batcher_mod
+    calls = []
+    real = batcher_mod.plan
+    monkeypatch.setattr(batcher_mod, "plan", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    async def main():
+        b, clock, ex, rec = await setup(BatchingConfig(max_batch_size=4, max_batch_tokens=1000, max_wait_us=1000,
+                                                       max_queue=64, length_buckets=(), deadline_margin_us=0))
+        running = [spawn(b, i) for i in range(4)]
+        await turn()
+        assert len(ex.jobs) == 1
+        n0 = len(calls)
+        doomed = spawn(b, 99, deadline_us=clock.now_us() + 500)  # expiry at 500 - 110 + 1 = 391
+        waiting = [spawn(b, 10 + i) for i in range(20)]          # no deadline: nothing to do until the worker frees
+        await turn()
+        assert len(calls) == n0 and b.stats()["queued"] == 21
+        clock.advance(391)
+        await turn()
+        with pytest.raises(DeadlineExpired):
+            outcome(doomed)
+        assert b.stats()["queued"] == 20
+        ex.run_next()
+        await turn()
+        assert all(t.done() for t in running)
+        for _ in range(10):
+            if ex.jobs:
+                ex.run_next()
+            clock.advance(1000)
+            await turn()
+        assert all(t.done() for t in waiting) and sorted(x for bt in rec.batches[1:] for x in bt) == list(range(10, 30))
+        await b.drain(1.0)
+    asyncio.run(main())
+
+
+def test_enqueue_and_cancel_without_a_coroutine():
+    async def main():
+        b, clock, ex, rec = await setup()
+        keep, gone = b.enqueue(1), b.enqueue(2)
+        assert b.predicted_wait_us(clock.now_us()) == 100 + 10 * 2 + 0
+        assert b.cancel(gone) is True and gone.future.cancelled()
+        assert b.stats()["queued"] == 1 and b.stats()["cancelled"] == 1
+        assert b.predicted_wait_us(clock.now_us()) == 100 + 10
+        clock.advance(1000)
+        await turn()
+        ex.run_next()
+        await turn()
+        assert keep.future.result() == 10 and keep.queue_us == 1000 and rec.batches == [[1]]
+        assert b.cancel(keep) is False                         # already ran: nothing to remove
+        await b.drain(1.0)
+    asyncio.run(main())

@@ -306,3 +306,20 @@ def test_repeated_planning_drains_every_request(sc):
             now = p.wake_at_us
     assert not pending
     assert sorted(seen) == sorted(q.seq for q in queue)
+
+
+def test_closed_form_solve_matches_elimination(rng):
+    """The cost model's 1-3 variable solves (closed forms, once per batch) == Gaussian elimination,
+    on random well-conditioned normal equations like the fit's (and both refuse singular ones)."""
+    from uwrt.runtime.serving.batching import _solve, _solve_elimination
+    for _ in range(300):
+        n = int(rng.integers(1, 4))
+        x = rng.normal(size=(20, n)) * rng.uniform(0.1, 1000, n)
+        a = (x.T @ x).tolist()
+        b = (x.T @ rng.normal(size=20) * 100).tolist()
+        got, want = _solve(a, b), _solve_elimination(a, b)
+        assert got is not None and want is not None
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert _solve([[1.0, 2.0], [2.0, 4.0]], [1.0, 2.0]) is None
+    assert _solve([[0.0]], [1.0]) is None
+    assert _solve([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [1.0, 1.0, 1.0]) is None

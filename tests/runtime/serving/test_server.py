@@ -52,14 +52,15 @@ def copy(req):
     return r
 
 
-def test_500_concurrent_requests_match_offline_scores(pipe, traffic):
+@pytest.mark.parametrize("runner", ["inline", "thread"])
+def test_500_concurrent_requests_match_offline_scores(pipe, traffic, runner):
     reqs = [copy(traffic[i % len(traffic)]) for i in range(500)]
     for i, r in enumerate(reqs):
         r.request_id = f"c-{i}"
     offline = {r.request_id: res for r, res in zip(reqs, pipe.decide(reqs), strict=True)}
 
     async def main():
-        async with Harness(pipe) as h:
+        async with Harness(pipe, dataclasses.replace(CFG, batch_runner=runner)) as h:
             before = len(h.server.rt.batch_sizes)
             got = await asyncio.gather(*(h.stub.Decide(r, timeout=30) for r in reqs))
             return got, h.server.rt.batch_sizes[before:]
@@ -194,12 +195,13 @@ def test_expired_deadline_fails_early(pipe, traffic):
     assert ok.request_id == traffic[0].request_id
 
 
-def test_streaming_out_of_order_with_inband_errors(pipe, traffic):
+@pytest.mark.parametrize("runner", ["inline", "thread"])
+def test_streaming_out_of_order_with_inband_errors(pipe, traffic, runner):
     reqs = [copy(r) for r in traffic[:60]]
     reqs[7].history.type[0] = 77
 
     async def main():
-        async with Harness(pipe) as h:
+        async with Harness(pipe, dataclasses.replace(CFG, batch_runner=runner)) as h:
             call = h.stub.DecideStream(iter(reqs), timeout=60)
             return [r async for r in call]
 
@@ -230,8 +232,10 @@ def test_shutdown_drains_accepted_requests(pipe, traffic):
     reqs = [copy(traffic[i % 300]) for i in range(120)]
 
     async def main():
-        cfg = dataclasses.replace(CFG, grace_s=30.0, batching=BatchingConfig(max_batch_size=4, max_wait_us=0,
-                                                                            max_queue_delay_us=60_000_000))
+        # thread runner: the backlog builds while the worker computes (inline drains are in test_batcher)
+        cfg = dataclasses.replace(CFG, grace_s=30.0, batch_runner="thread",
+                                  batching=BatchingConfig(max_batch_size=4, max_wait_us=0,
+                                                          max_queue_delay_us=60_000_000))
         async with Harness(pipe, cfg) as h:
             calls = [asyncio.ensure_future(h.stub.Decide(r, timeout=60)) for r in reqs]
             b = h.server.rt.batcher
@@ -254,8 +258,8 @@ def test_shutdown_drains_accepted_requests(pipe, traffic):
 
 def test_client_cancellation_removes_queued_request(pipe, traffic):
     async def main():
-        cfg = dataclasses.replace(CFG, batching=BatchingConfig(max_batch_size=1, max_wait_us=0,
-                                                               max_queue_delay_us=60_000_000))
+        cfg = dataclasses.replace(CFG, batch_runner="thread", batching=BatchingConfig(max_batch_size=1, max_wait_us=0,
+                                                                                      max_queue_delay_us=60_000_000))
         async with Harness(pipe, cfg) as h:
             calls = [h.stub.Decide(copy(traffic[i]), timeout=60) for i in range(40)]
             futs = [asyncio.ensure_future(c) for c in calls]
@@ -317,7 +321,9 @@ def test_full_queue_is_resource_exhausted(pipe, traffic):
     gate = threading.Event()
 
     async def main():
-        cfg = dataclasses.replace(CFG, batching=BatchingConfig(max_batch_size=1, max_wait_us=0, max_queue=2))
+        # thread runner: the test holds the worker thread (inline would hold the event loop itself)
+        cfg = dataclasses.replace(CFG, batch_runner="thread",
+                                  batching=BatchingConfig(max_batch_size=1, max_wait_us=0, max_queue=2))
         async with Harness(pipe, cfg) as h:
             real = h.server.rt.pipeline.decide
 
@@ -337,3 +343,32 @@ def test_full_queue_is_resource_exhausted(pipe, traffic):
     ok = [r for r in res if isinstance(r, pb.DecisionResponse)]
     shed = [r for r in res if isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
     assert len(ok) == 3 and len(shed) == 5            # one running + two queued answered; the rest shed
+
+
+def test_stream_cancelled_by_client_removes_its_queued_requests(pipe, traffic):
+    """A client that abandons a DecideStream: its requests still queued are removed, never run."""
+    import threading
+    gate = threading.Event()
+
+    async def main():
+        cfg = dataclasses.replace(CFG, batch_runner="thread", batching=BatchingConfig(
+            max_batch_size=1, max_wait_us=0, max_queue=64, max_queue_delay_us=60_000_000))
+        async with Harness(pipe, cfg) as h:
+            real = h.server.rt.pipeline.decide
+
+            def held(reqs, times=None):
+                gate.wait(30)
+                return real(reqs, times)
+            h.server.rt.pipeline.decide = held
+            b = h.server.rt.batcher
+            call = h.stub.DecideStream(iter([copy(traffic[i]) for i in range(10)]), timeout=60)
+            await until(lambda: b.stats()["requests"] + b.stats()["queued"] >= 10)
+            call.cancel()
+            await until(lambda: b.stats()["queued"] == 0)
+            gate.set()
+            await until(lambda: h.server.rt.batcher._inflight is None)
+            h.server.rt.pipeline.decide = real
+            return b.stats()
+
+    stats = run(main())
+    assert stats["cancelled"] == 9 and stats["requests"] == 1      # one was running; the other nine never ran
