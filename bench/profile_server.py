@@ -123,6 +123,15 @@ def ctx_switches(pid: int) -> tuple[int, int]:
     return vol, inv
 
 
+def _has_knob(root: str, name: str) -> bool:
+    """Does the checkout at `root` know the configuration knob `name` (older ones lack newer knobs)?"""
+    try:
+        with open(os.path.join(root, "runtime", "config.py"), encoding="utf-8") as fh:
+            return f"    {name}:" in fh.read()
+    except OSError:
+        return False
+
+
 class Server:
     def __init__(self, spec: ServerSpec, bundle: str, core: int | None, env_extra: dict[str, str],
                  cprofile: str | None = None) -> None:
@@ -131,6 +140,8 @@ class Server:
         cli = (["-m", "uwrt.runtime.cli"] if cprofile is None
                else [os.path.realpath(__file__), "--serve-profiled", cprofile])
         cmd = [sys.executable, *cli, "serve", "--bundle", bundle, "--port", "0", "--host", "127.0.0.1", *spec.args]
+        if _has_knob(spec.root, "model_info_exposure"):     # the batch counters come from the full GetModelInfo
+            cmd[cmd.index("serve") + 1:cmd.index("serve") + 1] = ["--model-info-exposure", "full"]
         if core is not None:
             cmd = ["taskset", "-c", str(core), *cmd]
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"uwrt-{spec.label}-", suffix=".log", delete=False)

@@ -33,7 +33,9 @@ __all__ = ["SERVERS", "server_command", "ServerProcess"]
 def server_command(name: str, bundle: str, extra: str = "") -> list[str]:
     py = sys.executable
     if name == "uwrt":
-        return [py, "-m", "uwrt.runtime.cli", "serve", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
+        # full GetModelInfo: the sweep reads the batcher's counters (mean batch size) from it
+        return [py, "-m", "uwrt.runtime.cli", "serve", "--bundle", bundle, "--port", "0",
+                "--model-info-exposure", "full", *shlex.split(extra)]
     if name == "naive":
         return [py, "-m", "uwrt.bench.naive_server", "--bundle", bundle, "--port", "0", *shlex.split(extra)]
     if name == "ray":

@@ -75,6 +75,113 @@ class BatchingConfig:
         object.__setattr__(self, "length_buckets", edges)
 
 
+AUTH_CHOICES = ("none", "token", "mtls", "any")
+MODEL_INFO_EXPOSURE_CHOICES = ("minimal", "full")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """TLS, authentication and what the server exposes (runtime/serving/security.py; README:
+    Security). Thread safety: frozen value."""
+    #: Server certificate chain (PEM file). With tls_key: serve TLS only (no plaintext port).
+    #: Empty = plaintext (fine on loopback; not for a network).
+    tls_cert: str = ""
+    #: The server certificate's private key (PEM file; keep it readable by the server user only).
+    tls_key: str = ""
+    #: CA bundle (PEM) for client certificates: non-empty = mutual TLS, every client must present
+    #: a certificate signed by it (the handshake fails otherwise). Needs tls_cert/tls_key.
+    tls_client_ca: str = ""
+    #: Who may call: "none" (anyone who reaches the port; the loopback dev default), "token"
+    #: (`authorization: Bearer <token>` metadata, token hashes in auth_file), "mtls" (the
+    #: verified client certificate's identity, listed in auth_file; needs tls_client_ca) or "any"
+    #: (either). With auth on, health stays open; Decide/DecideStream need the role "decide",
+    #: priority > 0 is honoured only with "priority", the full GetModelInfo and reflection need
+    #: "introspect", every other method (admin) needs "admin". Required for production.
+    auth: str = "none"
+    #: Callers file (TOML, README: Security): for each caller a name, roles, and a token_sha256
+    #: and/or an mtls_identity. Never plaintext tokens. Not group/world writable.
+    auth_file: str = ""
+    #: Server reflection (grpcurl discovery). Off by default (production exposure); with auth
+    #: on it also needs the role "introspect".
+    reflection: bool = False
+    #: GetModelInfo for callers without the role "introspect": "minimal" (identity, profile,
+    #: backends, max_history, degraded: no file paths, thresholds, imputation values, settings or
+    #: counters) or "full" (everything, to every caller allowed to call it). Callers with
+    #: "introspect" (auth on) always get the full answer.
+    model_info_exposure: str = "minimal"
+
+    def __post_init__(self) -> None:
+        if self.auth not in AUTH_CHOICES:
+            raise ValueError(f"auth must be one of {', '.join(AUTH_CHOICES)}; got {self.auth!r}")
+        if self.model_info_exposure not in MODEL_INFO_EXPOSURE_CHOICES:
+            raise ValueError(f"model_info_exposure must be one of {', '.join(MODEL_INFO_EXPOSURE_CHOICES)}; "
+                             f"got {self.model_info_exposure!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together (both PEM files, or neither)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.auth in ("mtls",) and not self.tls_client_ca:
+            raise ValueError("auth = mtls needs tls_client_ca (the CA that signs client certificates)")
+        if self.auth != "none" and not self.auth_file:
+            raise ValueError(f"auth = {self.auth} needs auth_file (the callers file)")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Connection, stream and RPC limits of the gRPC server (runtime/serving/limits.py; README:
+    Security). Each process of `uwrt serve --workers N` applies them on its own. Thread safety:
+    frozen value."""
+    #: Most RPCs one server process runs at once (every method, health and streams included);
+    #: beyond it a call is refused at once with RESOURCE_EXHAUSTED before its request is read.
+    #: 0 = unlimited. Bounds memory: up to this many requests of max_request_bytes can be held.
+    max_concurrent_rpcs: int = 1024
+    #: Most concurrent RPCs (HTTP/2 streams) on one connection (SETTINGS_MAX_CONCURRENT_STREAMS);
+    #: a client queues the rest locally. 0 = gRPC's default (unlimited).
+    max_concurrent_streams: int = 1024
+    #: Most client connections one server process accepts; more are closed at once. 0 = unlimited.
+    max_connections: int = 1000
+    #: Close a connection with no RPC for this long (GOAWAY; clients reconnect when needed).
+    #: 0 = never.
+    max_connection_idle_s: float = 300.0
+    #: Close every connection after this long (GOAWAY, +-10% jitter), so clients reconnect and
+    #: spread again over the worker processes (a restarted worker only gets new connections) and
+    #: over replicas behind a balancer. 0 = never.
+    max_connection_age_s: float = 600.0
+    #: After max_connection_age_s, RPCs in flight get this long to finish (a DecideStream open
+    #: longer is cut and must be reopened).
+    max_connection_age_grace_s: float = 30.0
+    #: Ping a connection idle this long to detect a dead client (its streams are then cancelled
+    #: and their queued requests dropped). 0 = never.
+    keepalive_time_s: float = 60.0
+    #: A keepalive ping unanswered for this long closes the connection.
+    keepalive_timeout_s: float = 20.0
+    #: Keepalive enforcement: a client pinging more often than this (without data) gets GOAWAY
+    #: (too_many_pings) after two strikes; stops ping floods while allowing sane client keepalives.
+    keepalive_min_client_interval_s: float = 10.0
+    #: Accept client keepalive pings on connections with no RPC (clients that keep idle channels
+    #: alive through NATs and balancers); they still obey keepalive_min_client_interval_s.
+    keepalive_permit_without_calls: bool = True
+    #: Per DecideStream: most requests read but not yet answered to the client (queued, computing
+    #: or waiting to be written). At the bound the server stops reading that stream until the
+    #: client reads responses, so HTTP/2 flow control pushes back on it: a client that writes and
+    #: never reads costs at most this many decisions.
+    stream_max_pending: int = 128
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("bool", bool):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{f.name} must be a non-negative number, got {v!r}")
+        if self.stream_max_pending < 1 or self.keepalive_timeout_s <= 0:
+            raise ValueError("stream_max_pending >= 1 and keepalive_timeout_s > 0 are required")
+
+
 def pow2_buckets(max_batch_size: int) -> tuple[int, ...]:
     """Powers of two below max_batch_size, then max_batch_size: the batch sizes the batcher can
     form, as CUDA-graph batch buckets and as the tree router's calibration sizes."""
@@ -212,6 +319,10 @@ class RuntimeConfig:
     gc_threshold: tuple[int, ...] = ()
     #: Dynamic batching (see runtime/serving/batching.py).
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    #: TLS, authentication, exposure (README: Security).
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    #: Connection, stream and RPC limits (README: Security).
+    transport: TransportConfig = field(default_factory=TransportConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_request_events", "max_request_bytes", "score_batch_size", "tree_threads"):
@@ -247,6 +358,9 @@ class RuntimeConfig:
             raise ValueError("require_signature needs trusted_keys (comma-separated public key files)")
         if self.gc_threshold and (len(self.gc_threshold) != 3 or any(t < 0 for t in self.gc_threshold)):
             raise ValueError(f"gc_threshold must be empty or three non-negative integers, got {self.gc_threshold!r}")
+        if self.security.auth in ("token", "any") and not self.security.tls and not is_loopback(self.host):
+            raise ValueError(f"auth = {self.security.auth} on {self.host} without TLS would send bearer tokens in "
+                             "the clear: set tls_cert and tls_key (or listen on a loopback address)")
 
     def trusted_key_paths(self) -> tuple[str, ...]:
         """trusted_keys split on commas, blanks dropped."""
@@ -314,6 +428,18 @@ class RuntimeConfig:
                 v = getattr(v, p)
             out[".".join(path)] = str(v)
         return out
+
+
+def is_loopback(host: str) -> bool:
+    """Is `host` (a listen address) a loopback address or "localhost"?"""
+    import ipaddress
+    h = host.strip("[]")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
 
 
 PROFILE_CHOICES = ("auto", "cpu", "gpu")

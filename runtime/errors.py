@@ -7,6 +7,25 @@ from __future__ import annotations
 
 import grpc
 
+#: Longest client-supplied value (characters) an error message repeats before it is cut.
+ECHO_MAX_CHARS = 64
+
+
+def echo(value: object, limit: int = ECHO_MAX_CHARS) -> str:
+    """A client-supplied value as it may appear in an error message or field path: unchanged
+    when it is short and printable (so ordinary messages read as before), otherwise with
+    non-printable characters escaped and cut to `limit` characters plus "...(N bytes)" (N: the
+    value's UTF-8 size). Every message that repeats client input goes through this, so a
+    100 KB feature name can never produce a 100 KB status message (which would exceed a
+    client's metadata limit). Thread safety: pure."""
+    s = value if isinstance(value, str) else str(value)
+    if len(s) <= limit and s.isprintable():
+        return s
+    shown = s if s.isprintable() else s.encode("unicode_escape", "backslashreplace").decode("ascii")
+    if len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}...({len(s.encode('utf-8', 'surrogatepass'))} bytes)"
+
 
 class UwrtError(Exception):
     """Base class. `code` is the gRPC status a client sees."""

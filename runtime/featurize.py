@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from uwrt.runtime.bundle.schema import EVENT_TYPE_IDS, EncoderConfig, FeatureSchema, is_currency_code
-from uwrt.runtime.errors import InvalidRequest
+from uwrt.runtime.errors import InvalidRequest, echo
 from uwrt.runtime.pb import pb
 
 SECONDS_PER_DAY = 86400.0
@@ -361,7 +361,7 @@ def _tabular_row(req: pb.DecisionRequest, schema: FeatureSchema) -> tuple[np.nda
     feats = dict(req.features)
     if not feats.keys() <= known:
         name = min(feats.keys() - known)          # sorted: map order differs between processes
-        raise InvalidRequest(f'features["{name}"]', "unknown feature (not in the bundle's feature schema "
+        raise InvalidRequest(f'features["{echo(name)}"]', "unknown feature (not in the bundle's feature schema "
                              f"{schema.version})")
     vals: list[float] = []
     warnings = []
@@ -412,7 +412,7 @@ def _check_envelope(req: pb.DecisionRequest, env: _Envelope) -> None:
         raise InvalidRequest("purchase", "required")
     p = req.purchase
     if not is_currency_code(p.currency):
-        raise InvalidRequest("purchase.currency", f"must be an ISO 4217 code like 'USD', got {p.currency!r}")
+        raise InvalidRequest("purchase.currency", f"must be an ISO 4217 code like 'USD', got {echo(repr(p.currency))}")
     if p.currency not in env.currencies:     # before the amount: an amount means nothing in another currency
         raise InvalidRequest("purchase.currency", f"{p.currency} is not accepted by this bundle (accepts "
                              f"{env.currency_list}; amounts are not converted)")

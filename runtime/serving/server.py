@@ -12,7 +12,7 @@ stamp the timing. DecideStream adds a done-callback per request (no task per mes
 warm-up the process freezes what is alive into the GC's permanent generation and, if configured,
 sets the GC thresholds (`gc_after_warmup`, `gc_threshold`). Health (`grpc.health.v1`) is NOT_SERVING
 until the bundle is loaded and every (batch size x token bucket) shape the batcher can form
-has been run once; SERVING after. Reflection is on. SIGTERM/SIGINT: health goes NOT_SERVING,
+has been run once; SERVING after. Reflection only with `reflection = true`. SIGTERM/SIGINT: health goes NOT_SERVING,
 new RPCs are refused (UNAVAILABLE), queued and in-flight requests finish within `grace_s`,
 then the process exits 0.
 
@@ -23,7 +23,16 @@ A worker of `uwrt serve --workers N` (runtime/serving/worker_process.py) builds 
 never receives a connection while cold; runtime/serving/supervisor.py owns the port meanwhile.
 
 Errors map to status codes in one place (`_status_of`): uwrt.runtime.errors.UwrtError subclasses
-carry their code; anything else is INTERNAL and logged with its traceback.
+carry their code; anything else is INTERNAL and logged with its traceback (rate-limited).
+
+Hardening (README: Security): the Underwriting methods are registered with raw-bytes request
+handlers (runtime/serving/wire.py), so an undecodable request is INVALID_ARGUMENT (in-band on a
+DecideStream, which goes on) and the size check runs on the bytes before parsing; gRPC itself
+refuses messages above max_request_bytes + headroom, and limits RPCs, streams, connections and
+their age (runtime/serving/limits.py); TLS, mTLS and the per-caller auth interceptor are in
+runtime/serving/security.py; a DecideStream holds at most `stream_max_pending` unanswered
+requests (then it stops reading: flow control). Client errors are logged rate-limited
+(runtime/serving/ratelog.py), never with a traceback.
 """
 from __future__ import annotations
 
@@ -41,26 +50,39 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from uwrt.runtime.config import RuntimeConfig, pow2_buckets
-from uwrt.runtime.errors import InvalidRequest, UwrtError
+from uwrt.runtime.errors import InvalidRequest, UwrtError, echo
 from uwrt.runtime.featurize import Limits
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.pipeline import Pipeline, StageTimes
+from uwrt.runtime.serving import limits, security, wire
 from uwrt.runtime.serving.batcher import Batcher, MonotonicClock, _Entry
 from uwrt.runtime.serving.ports import PortUnavailable, format_address
+from uwrt.runtime.serving.ratelog import RateLimitedLog
 from uwrt.runtime.serving.warmup import warmup_batches
 from uwrt.runtime.serving.workers import worker_settings
 
 log = logging.getLogger("uwrt.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Underwriting"].full_name
-MAX_GRPC_MESSAGE_BYTES = 64 << 20    # transport cap; our own max_request_bytes check is stricter and names the field
+SERVICE = pb.DESCRIPTOR.services_by_name["Underwriting"]
+SERVICE_NAME = SERVICE.full_name
+#: client errors (undecodable / oversize requests, refused credentials) and internal errors
+RATE_LOG = RateLimitedLog(log)
 
 
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, UwrtError):
         return e.code, str(e)
-    log.exception("internal error", exc_info=e)
+    RATE_LOG.log("internal", logging.ERROR, "internal error", exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
+
+
+def _refused(method: str, context: grpc.aio.ServicerContext, e: Exception) -> None:
+    """Log a request refused before it was parsed (rate-limited, no traceback)."""
+    RATE_LOG.log("bad_request", logging.INFO, "%s from %s refused: %s", method, context.peer(), e)
+
+
+def _denied(method: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    RATE_LOG.log("auth", logging.WARNING, "%s from %s: %s (%s)", method, context.peer(), code.name, message)
 
 
 class ServingRuntime:
@@ -86,6 +108,7 @@ class ServingRuntime:
         self.info_sources: list[Callable[[], Mapping[str, str]]] = []
         self.gc_stats = _GcStats()
         self._gc_before: tuple[int, int, int] | None = None
+        self.priority_ignored = 0            # requests with priority > 0 from callers without the role
 
     def _tokens_of(self, req: pb.DecisionRequest) -> int:
         return max(1, min(len(req.history.type), self.max_history))
@@ -141,14 +164,19 @@ class ServingRuntime:
                     timings.append((len(batch), sum(self._tokens_of(r) for r in batch), us))
         return timings
 
-    def enqueue(self, req: pb.DecisionRequest, time_remaining_s: float | None) -> _Entry:
-        """Check the size and queue the request (raises at once when it is refused); the entry's
-        future resolves to the pipeline's result. `finish` turns it into the response."""
-        size = req.ByteSize()
-        if size > self.cfg.max_request_bytes:
+    def enqueue(self, req: pb.DecisionRequest, time_remaining_s: float | None, *, size: int | None = None,
+                priority_allowed: bool = True) -> _Entry:
+        """Check the size (`size`: already checked on the raw bytes) and queue the request (raises
+        at once when it is refused); the entry's future resolves to the pipeline's result.
+        `finish` turns it into the response. `priority_allowed` False: served at priority 0."""
+        if size is None and (size := req.ByteSize()) > self.cfg.max_request_bytes:
             raise InvalidRequest("request", f"{size} bytes exceeds the limit of {self.cfg.max_request_bytes}")
         deadline_us = None if time_remaining_s is None else self.clock.now_us() + int(time_remaining_s * 1e6)
-        return self.batcher.enqueue(req, priority=req.priority, deadline_us=deadline_us)
+        priority = req.priority
+        if priority and not priority_allowed:
+            priority = 0
+            self.priority_ignored += 1
+        return self.batcher.enqueue(req, priority=priority, deadline_us=deadline_us)
 
     @staticmethod
     def finish(result: object, queue_us: int, t0_ns: int) -> pb.DecisionResponse:
@@ -161,9 +189,10 @@ class ServingRuntime:
         tm.total_us = (time.perf_counter_ns() - t0_ns) // 1000
         return result
 
-    async def decide(self, req: pb.DecisionRequest, *, time_remaining_s: float | None) -> pb.DecisionResponse:
+    async def decide(self, req: pb.DecisionRequest, *, time_remaining_s: float | None, size: int | None = None,
+                     priority_allowed: bool = True) -> pb.DecisionResponse:
         t0 = time.perf_counter_ns()
-        entry = self.enqueue(req, time_remaining_s)
+        entry = self.enqueue(req, time_remaining_s, size=size, priority_allowed=priority_allowed)
         try:
             result = await entry.future
         except asyncio.CancelledError:
@@ -171,12 +200,15 @@ class ServingRuntime:
             raise
         return self.finish(result, entry.queue_us, t0)
 
-    def model_info(self) -> pb.ModelInfo:
+    def model_info(self, *, full: bool = True) -> pb.ModelInfo:
+        """Everything (`full`), or only identity, profile, backends, max_history and degraded."""
         b = self.pipeline.bundle
         info = pb.ModelInfo(max_history=self.max_history, profile=self.profile,
                             encoder_backend=self.pipeline.encoder.name, tree_backend=self.pipeline.trees.name,
                             degraded=self.pipeline.degraded)
         info.model.CopyFrom(self.pipeline.identity)
+        if not full:
+            return info
         for f in b.schema.features:
             info.features.add(name=f.name, source=f.source, impute_value=f.impute_value, reason_code=f.reason_code)
         p = b.policy
@@ -192,6 +224,9 @@ class ServingRuntime:
                 info.settings[f"{prefix}.{k}"] = str(v)
         if self.profile_reason:
             info.settings["profile.reason"] = self.profile_reason
+        info.settings["security.priority_ignored"] = str(self.priority_ignored)
+        for kind, n in RATE_LOG.counts().items():
+            info.settings[f"security.logged.{kind}"] = str(n)
         for source in self.info_sources:
             info.settings.update(source())
         return info
@@ -239,12 +274,22 @@ class _GcStats:
 
 
 class UnderwritingService(pb_grpc.UnderwritingServicer):
+    """The Underwriting methods. Decide and DecideStream receive raw bytes (registered by
+    runtime/serving/wire.py) and parse them here, size check first; GetModelInfo its message."""
+
     def __init__(self, rt: ServingRuntime) -> None:
         self.rt = rt
+        self.max_bytes = rt.cfg.max_request_bytes
 
-    async def Decide(self, request: pb.DecisionRequest, context: grpc.aio.ServicerContext) -> pb.DecisionResponse:
+    async def Decide(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.DecisionResponse:
         try:
-            return await self.rt.decide(request, time_remaining_s=context.time_remaining())
+            req = wire.parse(request, pb.DecisionRequest, self.max_bytes)
+        except InvalidRequest as e:
+            _refused("Decide", context, e)
+            await context.abort(e.code, str(e))
+        try:
+            return await self.rt.decide(req, time_remaining_s=context.time_remaining(), size=len(request),
+                                        priority_allowed=security.may_set_priority())
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every error becomes a status, never a crash
@@ -252,22 +297,28 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
             await context.abort(code, msg)
             raise AssertionError("unreachable: ServicerContext.abort raises") from e
 
-    async def DecideStream(self, request_iterator: AsyncIterator[pb.DecisionRequest],
+    async def DecideStream(self, request_iterator: AsyncIterator[bytes],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecisionResponse]:
         """Each request is decided as soon as its batch completes; responses carry the request id
-        and may come out of order. Per-request failures come back in-band in `error`.
+        and may come out of order. Per-request failures come back in-band in `error`; a message
+        that is not a DecisionRequest too (with an empty request id), and the stream goes on.
 
-        Per message: enqueue and a done-callback on its future (no task per request); responses
-        go through one queue to this generator. When the stream ends early (client gone), the
-        requests still queued are removed (never run)."""
+        Per message: parse, enqueue and a done-callback on its future (no task per request);
+        responses go through one queue to this generator. Flow control: once `stream_max_pending`
+        requests are read but not yet handed to the client, the reader waits for the client to
+        read (so HTTP/2 flow control pushes back on a client that writes and never reads). When
+        the stream ends early (client gone), the requests still queued are removed (never run)."""
         rt = self.rt
         out: asyncio.Queue = asyncio.Queue()
         live: dict[int, _Entry] = {}
         reading = True
+        max_pending = rt.cfg.transport.stream_max_pending
+        space: asyncio.Event | None = None       # set by the writer when the waiting reader may go on
+        priority_allowed = security.may_set_priority()
 
-        def error_response(req: pb.DecisionRequest, e: Exception) -> pb.DecisionResponse:
+        def error_response(request_id: str, e: Exception) -> pb.DecisionResponse:
             code, msg = _status_of(e)
-            resp = pb.DecisionResponse(request_id=req.request_id)
+            resp = pb.DecisionResponse(request_id=request_id if len(request_id) <= 128 else echo(request_id))
             resp.error.code, resp.error.message = code.name, msg
             if isinstance(e, InvalidRequest):
                 resp.error.field = e.field
@@ -280,23 +331,33 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                 try:
                     resp = rt.finish(exc if exc is not None else fut.result(), entry.queue_us, t0)
                 except Exception as e:  # noqa: BLE001 - in-band, never a broken stream
-                    resp = error_response(req, e)
+                    resp = error_response(req.request_id, e)
                 out.put_nowait(resp)
             if not reading and not live:
                 out.put_nowait(None)
 
         async def reader() -> None:
-            nonlocal reading
+            nonlocal reading, space
             try:
-                async for req in request_iterator:
+                async for data in request_iterator:
                     t0 = time.perf_counter_ns()
                     try:
-                        entry = rt.enqueue(req, context.time_remaining())
-                    except Exception as e:  # noqa: BLE001
-                        out.put_nowait(error_response(req, e))
-                        continue
-                    live[id(entry)] = entry
-                    entry.future.add_done_callback(functools.partial(done, req, entry, t0))
+                        req = wire.parse(data, pb.DecisionRequest, self.max_bytes)
+                    except InvalidRequest as e:
+                        _refused("DecideStream", context, e)
+                        out.put_nowait(error_response("", e))
+                    else:
+                        try:
+                            entry = rt.enqueue(req, context.time_remaining(), size=len(data),
+                                               priority_allowed=priority_allowed)
+                        except Exception as e:  # noqa: BLE001
+                            out.put_nowait(error_response(req.request_id, e))
+                        else:
+                            live[id(entry)] = entry
+                            entry.future.add_done_callback(functools.partial(done, req, entry, t0))
+                    if len(live) + out.qsize() >= max_pending:
+                        space = asyncio.Event()
+                        await space.wait()
             finally:
                 reading = False
                 if not live:
@@ -308,6 +369,9 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                 item = await out.get()
                 if item is None:
                     break
+                if space is not None and len(live) + out.qsize() < max_pending:
+                    space.set()
+                    space = None
                 yield item
             await read_task
         finally:
@@ -316,7 +380,7 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                 rt.batcher.cancel(entry)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return self.rt.model_info()
+        return self.rt.model_info(full=security.may_introspect(self.rt.cfg.security))
 
 
 class Server:
@@ -330,15 +394,16 @@ class Server:
         self.cfg = cfg
         self.rt = ServingRuntime(pipeline, cfg, profile=profile, profile_reason=profile_reason)
         self.health = health.aio.HealthServicer()
-        opts = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 1 if reuse_port else 0)]
-        self.grpc = grpc.aio.server(options=opts)
-        pb_grpc.add_UnderwritingServicer_to_server(UnderwritingService(self.rt), self.grpc)
+        self.credentials = security.server_credentials(cfg.security)     # raises SecurityError
+        self.interceptors = security.interceptors(cfg.security, on_denied=_denied)
+        self.grpc = grpc.aio.server(interceptors=self.interceptors, **limits.server_kwargs(cfg, reuse_port=reuse_port))
+        wire.add_service(self.grpc, UnderwritingService(self.rt), SERVICE, raw=("Decide", "DecideStream"),
+                         on_undecodable=_refused)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc)
+        if cfg.security.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.grpc)
         self.port: int = 0           # the bound port; 0 until bound
         self._warm = False
         self._stopped = asyncio.Event()
@@ -350,7 +415,8 @@ class Server:
         addr = format_address(self.cfg.host, self.cfg.port)
         why = ""
         try:
-            self.port = self.grpc.add_insecure_port(addr)
+            self.port = (self.grpc.add_secure_port(addr, self.credentials) if self.credentials is not None
+                         else self.grpc.add_insecure_port(addr))
         except RuntimeError as e:     # grpcio >= 1.5x raises "Failed to bind to address ..."; older ones return 0
             why = f" ({e})"
         if not self.port:
@@ -404,6 +470,7 @@ class Server:
         stop_task = asyncio.create_task(self.grpc.stop(grace))
         ok = await self.rt.drain(grace)
         await stop_task
+        RATE_LOG.flush()
         log.log(logging.INFO if ok else logging.ERROR, "stopped after %.2fs%s", time.monotonic() - t0,
                 "" if ok else ": requests still queued or running after the grace period were failed")
         self._stopped.set()

@@ -3,6 +3,7 @@
 backend x profile combination that runs here end to end through the server (cpu profile with
 torch / torchscript / onnx; gpu profile with a fake Triton backend on a fake device)."""
 import asyncio
+import dataclasses
 import logging
 import sys
 import types
@@ -103,6 +104,8 @@ def test_auto_without_cuda_logs_why(caplog, monkeypatch):
 # -- end to end through the server -------------------------------------------------------------
 
 async def _serve_and_ask(pipe, cfg, reqs, profile, reason, between=None):
+    # GetModelInfo's settings are asked below: full exposure (minimal is the default)
+    cfg = dataclasses.replace(cfg, security=dataclasses.replace(cfg.security, model_info_exposure="full"))
     server = Server(pipe, cfg, profile=profile, profile_reason=reason)
     await server.start()
     try:

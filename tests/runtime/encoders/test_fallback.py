@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.runtime.encoders.test_torch_encoder import CFG, random_packed, random_state
-from uwrt.runtime.config import RuntimeConfig
+from uwrt.runtime.config import RuntimeConfig, SecurityConfig
 from uwrt.runtime.encoders.fallback import FallbackEncoder
 from uwrt.runtime.encoders.torch_encoder import TorchEncoderBackend
 from uwrt.runtime.pb import pb, pb_grpc
@@ -154,7 +154,8 @@ def test_server_keeps_serving_on_gpu_failure(small_bundle, traffic, caplog):
     gpu = FlakyGPU(base.encoder)
     pipe = Pipeline.from_dir(small_bundle, encoder=FallbackEncoder(gpu, cpu_only.encoder))
     cfg = RuntimeConfig(port=0, grace_s=5.0, batching=BatchingConfig(max_batch_size=8, max_wait_us=500, max_queue=1024,
-                                                                     max_queue_delay_us=60_000_000))
+                                                                     max_queue_delay_us=60_000_000),
+                        security=SecurityConfig(model_info_exposure="full"))
     reqs = []
     for i in range(40):
         r = pb.DecisionRequest()

@@ -7,7 +7,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from uwrt.runtime.config import RuntimeConfig
+from uwrt.runtime.config import RuntimeConfig, SecurityConfig
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.serving.batching import BatchingConfig, CostModel
 from uwrt.runtime.serving.server import SERVICE_NAME, Server
@@ -105,15 +105,27 @@ def test_health_transitions(pipe):
     assert after == S.NOT_SERVING
 
 
-def test_reflection_lists_the_service(pipe):
+def test_reflection_lists_the_service_when_enabled(pipe):
     async def main():
-        async with Harness(pipe) as h:
+        async with Harness(pipe, dataclasses.replace(CFG, security=SecurityConfig(reflection=True))) as h:
             port = h.server.port
             return await asyncio.to_thread(_reflect, port)
 
     services, method = run(main())
     assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
     assert method == "Decide"
+
+
+def test_reflection_is_off_by_default(pipe):
+    async def main():
+        async with Harness(pipe) as h:
+            port = h.server.port
+            try:
+                await asyncio.to_thread(_reflect, port)
+            except grpc.RpcError as e:
+                return e.code()
+
+    assert run(main()) == grpc.StatusCode.UNIMPLEMENTED
 
 
 def _reflect(port):
@@ -161,17 +173,21 @@ def test_too_many_events_and_oversized_message(pipe, traffic):
     h = big.history
     for col in ("timestamp_unix_s", "type", "amount_minor", "mcc", "days_past_due", "installment_index"):
         getattr(h, col)[:] = [getattr(h, col)[0]] * n
-    huge = copy(traffic[1])
+    over = copy(traffic[1])          # just over max_request_bytes: our own check, naming the field
+    over.purchase.merchant_id = "x" * (CFG.max_request_bytes + 100 - over.ByteSize())
+    huge = copy(traffic[1])          # far over: gRPC refuses it before it reaches Python
     huge.purchase.merchant_id = "x" * (2 << 20)
 
     async def main():
         async with Harness(pipe) as hs:
-            return await asyncio.gather(hs.stub.Decide(big, timeout=10), hs.stub.Decide(huge, timeout=10),
-                                        return_exceptions=True)
+            return await asyncio.gather(hs.stub.Decide(big, timeout=10), hs.stub.Decide(over, timeout=10),
+                                        hs.stub.Decide(huge, timeout=10), return_exceptions=True)
 
-    a, b = run(main())
+    a, b, c = run(main())
     assert a.code() == grpc.StatusCode.INVALID_ARGUMENT and "history" in a.details() and "512" in a.details()
-    assert b.code() == grpc.StatusCode.INVALID_ARGUMENT and "request" in b.details() and "bytes" in b.details()
+    assert b.code() == grpc.StatusCode.INVALID_ARGUMENT and b.details().startswith("request: ")
+    assert f"exceeds the limit of {CFG.max_request_bytes}" in b.details()
+    assert c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in c.details()
 
 
 def test_expired_deadline_fails_early(pipe, traffic):
@@ -218,13 +234,26 @@ def test_streaming_out_of_order_with_inband_errors(pipe, traffic, runner):
 
 def test_model_info(pipe):
     async def main():
-        async with Harness(pipe) as h:
+        async with Harness(pipe, dataclasses.replace(CFG, security=SecurityConfig(model_info_exposure="full"))) as h:
             return await h.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
 
     info = run(main())
     assert info.model.bundle_digest == pipe.bundle.bundle_digest
     assert len(info.features) == len(pipe.schema.features) and info.profile == "cpu"
     assert info.settings["batching.max_batch_size"] == "16" and info.encoder_backend == "onnx" and not info.degraded
+
+
+def test_model_info_is_minimal_by_default(pipe):
+    """Production exposure: identity, profile, backends, max_history, degraded; no paths, thresholds,
+    imputation values, settings or counters."""
+    async def main():
+        async with Harness(pipe) as h:
+            return await h.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+
+    info = run(main())
+    assert info.model.bundle_digest == pipe.bundle.bundle_digest and info.model.policy_version
+    assert info.profile == "cpu" and info.encoder_backend == "onnx" and info.tree_backend and info.max_history > 0
+    assert not info.features and not info.settings and not info.HasField("policy")
 
 
 def test_shutdown_drains_accepted_requests(pipe, traffic):

@@ -28,7 +28,7 @@ from uwrt.runtime.serving.workers import usable_cpus
 # worker) between channels of a process that have the same target and arguments
 FRESH = [("grpc.use_local_subchannel_pool", 1)]
 CHANNEL_CAP = 64          # new connections tried before concluding a worker never answers
-SERVE = [sys.executable, "-m", "uwrt.runtime.cli", "serve", "--profile", "cpu"]
+SERVE = [sys.executable, "-m", "uwrt.runtime.cli", "serve", "--profile", "cpu", "--model-info-exposure", "full"]
 
 
 def _read_until(proc: subprocess.Popen, pattern: str, timeout_s: float) -> re.Match:

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
-from uwrt.runtime.config import RuntimeConfig
+from uwrt.runtime.config import RuntimeConfig, SecurityConfig
 from uwrt.runtime.serving import ports
 from uwrt.runtime.serving.server import Server
 from uwrt.runtime.serving.workers import (
@@ -156,7 +156,8 @@ def test_single_process_server_refuses_an_occupied_port(pipe):
 def test_late_bind_server_warms_before_listening(pipe):
     """bind=False (a worker): nothing listens until start(), which warms first, then binds."""
     async def main():
-        server = Server(pipe, RuntimeConfig(port=0), reuse_port=True, bind=False)
+        server = Server(pipe, RuntimeConfig(port=0, security=SecurityConfig(model_info_exposure="full")),
+                        reuse_port=True, bind=False)
         assert server.port == 0
         await server.warm_up()
         assert server.port == 0 and server._warm

@@ -91,11 +91,14 @@ def test_reasons_fall_back_to_xgboost_when_native_cannot_build(small_bundle, mon
 
 
 def test_model_info_reports_trees(pipe):
-    from tests.runtime.serving.test_server import Harness, run
+    import dataclasses
+
+    from tests.runtime.serving.test_server import CFG, Harness, run
+    from uwrt.runtime.config import SecurityConfig
     from uwrt.runtime.pb import pb
 
     async def main():
-        async with Harness(pipe) as h:
+        async with Harness(pipe, dataclasses.replace(CFG, security=SecurityConfig(model_info_exposure="full"))) as h:
             return await h.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
     info = run(main())
     assert info.tree_backend == "routed" and info.settings["trees.reasons"] == "native"
