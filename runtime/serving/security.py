@@ -306,8 +306,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
         role = role_for(method)
-        if handler is None or role is OPEN:
+        if role is OPEN:
             return handler
+        if handler is None:     # no such method: say so only to a caller allowed to call it
+            return self._unknown(method, role)
         hit = self._wrapped.get(method)
         if hit is not None and hit[0] is handler:
             return hit[1]
@@ -379,6 +381,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 yield resp
         make = grpc.unary_stream_rpc_method_handler if h.unary_stream else grpc.stream_stream_rpc_method_handler
         return make(stream, request_deserializer=h.request_deserializer, response_serializer=h.response_serializer)
+
+    def _unknown(self, method: str, role: str) -> grpc.RpcMethodHandler:
+        check = self._check
+
+        async def unknown(request_iterator: Any, context: Any) -> None:
+            try:
+                check(context, method, role)
+            except _Denied as d:
+                await context.abort(d.code, str(d))
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        return grpc.stream_stream_rpc_method_handler(unknown)
 
 
 def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
