@@ -412,7 +412,7 @@ def _check_envelope(req: pb.DecisionRequest, env: _Envelope) -> None:
         raise InvalidRequest("purchase", "required")
     p = req.purchase
     if not is_currency_code(p.currency):
-        raise InvalidRequest("purchase.currency", f"must be an ISO 4217 code like 'USD', got {echo(repr(p.currency))}")
+        raise InvalidRequest("purchase.currency", f"must be an ISO 4217 code like 'USD', got '{echo(p.currency)}'")
     if p.currency not in env.currencies:     # before the amount: an amount means nothing in another currency
         raise InvalidRequest("purchase.currency", f"{p.currency} is not accepted by this bundle (accepts "
                              f"{env.currency_list}; amounts are not converted)")
