@@ -5,8 +5,10 @@ credentials) and of internal errors: a flood of bad requests must not become a f
     RATE.log("undecodable", logging.INFO, "undecodable request from %s", peer)
 
 Per `kind`, at most `burst` lines per `interval_s`; the lines dropped meanwhile are counted and
-reported by one line ("suppressed K similar 'kind' messages in the last S s") when the kind next
-logs after its interval, or at `flush()` (the server calls it at shutdown). Client errors are
+reported by one line ("suppressed K similar 'kind' messages in the last S s") when the interval
+ends: a timer on the running event loop (set by the first line dropped in an interval), else
+when the kind next logs after its interval, and at `flush()` (the server calls it at shutdown).
+So a flood is always reported within `interval_s`, even if it stops and nothing follows. Client errors are
 logged without a traceback; internal errors keep theirs (`exc_info`), rate-limited the same way.
 `counts()` gives the totals per kind, suppressed included (for GetModelInfo).
 
@@ -14,6 +16,7 @@ Thread safety: call from the event loop's thread (one instance per server).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -53,10 +56,28 @@ class RateLimitedLog:
         w.total += 1
         if w.lines >= self.burst:
             w.suppressed += 1
+            if w.suppressed == 1:
+                self._schedule(kind, max(0.0, w.start + self.interval_s - now))
             return False
         w.lines += 1
         self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
+
+    def _schedule(self, kind: str, delay_s: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:        # no loop (tools, tests): the next line of this kind or flush() reports
+            return
+        loop.call_later(delay_s, self._due, kind)
+
+    def _due(self, kind: str) -> None:
+        """The interval in which `kind` dropped lines has ended: report them, start a new one."""
+        w = self._windows.get(kind)
+        if w is None or not w.suppressed:       # already reported (a later line or flush())
+            return
+        now = self.clock()
+        self._summary(kind, w, now)
+        w.start, w.lines = now, 0
 
     def _summary(self, kind: str, w: _Window, now: float) -> None:
         if w.suppressed:
