@@ -165,10 +165,12 @@ class TransportConfig:
     #: Accept client keepalive pings on connections with no RPC (clients that keep idle channels
     #: alive through NATs and balancers); they still obey keepalive_min_client_interval_s.
     keepalive_permit_without_calls: bool = True
-    #: Per DecideStream: most requests read but not yet answered to the client (queued, computing
-    #: or waiting to be written). At the bound the server stops reading that stream until the
-    #: client reads responses, so HTTP/2 flow control pushes back on it: a client that writes and
-    #: never reads costs at most this many decisions.
+    #: Per DecideStream: most requests read but not yet handed to gRPC to send (queued, computing
+    #: or waiting to be written). At the bound the server stops reading that stream until
+    #: responses can be written, so HTTP/2 flow control pushes back on the client: one that writes
+    #: and never reads costs at most this many decisions plus what its own HTTP/2 receive window
+    #: holds (its memory, its choice: ~300 responses at 64 KiB; C-core clients grow it to a few MB
+    #: by BDP probing, ~19k responses measured).
     stream_max_pending: int = 128
 
     def __post_init__(self) -> None:
