@@ -217,7 +217,9 @@ class RuntimeConfig:
     #: Most history events a request may carry; more is INVALID_ARGUMENT. Distinct from the
     #: bundle's max_history (the model's window), which truncates with a warning.
     max_request_events: int = 512
-    #: Largest serialized request accepted (bytes); larger is INVALID_ARGUMENT.
+    #: Largest serialized request accepted (bytes); larger is INVALID_ARGUMENT naming `request`
+    #: (checked on the raw bytes, before parsing). gRPC itself refuses messages more than 64 KiB
+    #: above it (RESOURCE_EXHAUSTED) before they reach Python, so a huge request costs no memory.
     max_request_bytes: int = 1 << 20
     #: Deployment profile: "cpu", "gpu" or "auto" (gpu when CUDA is usable, else cpu; the reason
     #: is logged). A profile sets defaults for the device, backends, threads and batching knobs
