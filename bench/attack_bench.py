@@ -22,7 +22,6 @@ load (uptime) is recorded before and after. Loopback only; bounded in count and 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import json
 import os
@@ -176,18 +175,18 @@ def under_attack(srv: Serve, reqs: list[pb.DecisionRequest], data: bytes, second
 
 
 def auth_cost(root: str, bundle: str, reqs: list[pb.DecisionRequest], block: int, rounds: int) -> dict:
-    from tests.runtime.serving.tlsutil import issue, make_ca, server_cert
-    from uwrt.runtime.serving import security
-    d = tempfile.mkdtemp(prefix="attack-pki-")
     import pathlib
-    out = pathlib.Path(d)
+
+    from tests.runtime.serving.tlsutil import issue, make_ca, server_cert  # test certificates, made now
+    from uwrt.runtime.serving import security
+    out = pathlib.Path(tempfile.mkdtemp(prefix="attack-pki-"))
     ca = make_ca(out)
     srv_cert = server_cert(ca, out)
     client = issue(ca, out, "bench", dns=("bench.clients.uwrt",), client=True)
     token = "bench-token-" + os.urandom(8).hex()
     callers = out / "callers.toml"
-    callers.write_text(f'[[caller]]\nname = "bench"\nroles = ["decide"]\ntoken_sha256 = "{security.token_sha256(token)}"\n'
-                       'mtls_identity = "bench.clients.uwrt"\n')
+    callers.write_text(f'[[caller]]\nname = "bench"\nroles = ["decide"]\n'
+                       f'token_sha256 = "{security.token_sha256(token)}"\nmtls_identity = "bench.clients.uwrt"\n')
     os.chmod(callers, 0o600)
     tls = ["--tls-cert", str(srv_cert.cert), "--tls-key", str(srv_cert.key)]
     configs = {

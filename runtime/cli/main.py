@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="run the gRPC decision server",
                        description="Serve Underwriting (Decide, DecideStream, GetModelInfo) with dynamic batching, "
-                                   "grpc.health.v1 (reflection with --reflection true). Serves --bundle, or the demo bundle at "
-                                   f"{DEFAULT_BUNDLE} (built on first use). SIGTERM/SIGINT drain and exit 0.")
+                                   "grpc.health.v1 (reflection with --reflection true). Serves --bundle, or the demo "
+                                   f"bundle at {DEFAULT_BUNDLE} (built on first use). SIGTERM/SIGINT drain and exit 0.")
     add_config_flags(v)
     v.set_defaults(func=cmd_serve)
 
