@@ -158,7 +158,9 @@ async def info(channel: grpc.aio.Channel, metadata: tuple = ()) -> dict | None:
 
 
 def batch_counts(settings: dict | None) -> tuple[int, int] | None:
-    """(requests, batches) from GetModelInfo's `stats.*` settings, None when absent."""
+    """(requests, batches) from GetModelInfo's `stats.*` settings, None when absent. A uwrt
+    server gives them only in the full GetModelInfo: started with `--model-info-exposure full`,
+    or to a caller whose token (`--metadata`) has the role "introspect"."""
     if not settings or "stats.requests" not in settings or "stats.batches" not in settings:
         return None
     return int(float(settings["stats.requests"])), int(float(settings["stats.batches"]))

@@ -14,7 +14,7 @@ from uwrt.bench import loadgen
 from uwrt.bench.hist import Histogram
 from uwrt.bench.loadgen import Recorder, StepSpec, drive_open, summarize
 from uwrt.bench.loadgen.traffic import RequestSource, schedule
-from uwrt.runtime.config import RuntimeConfig
+from uwrt.runtime.config import RuntimeConfig, SecurityConfig
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.serving.batching import BatchingConfig
 
@@ -210,7 +210,9 @@ class ThreadedServer:
 
 @pytest.fixture(scope="module")
 def live_server(pipe):
-    cfg = RuntimeConfig(port=0, grace_s=1.0, batching=BatchingConfig(max_batch_size=8, max_wait_us=1000))
+    # the full GetModelInfo: the generator reads the batch counters from it (minimal by default)
+    cfg = RuntimeConfig(port=0, grace_s=1.0, batching=BatchingConfig(max_batch_size=8, max_wait_us=1000),
+                        security=SecurityConfig(model_info_exposure="full"))
     s = ThreadedServer(pipe, cfg)
     yield s
     s.close()
