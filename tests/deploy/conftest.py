@@ -32,7 +32,8 @@ class Outcome:
 class Driver(threading.Thread):
     """Sends `requests` (each once, in order) at `rate_rps` (constant arrivals) on its own event loop
     and thread, through `make_channel()` (called on that loop), each with a `timeout_s` deadline.
-    Everything it sent and has not yet answered is in `outstanding` (request id -> send time)."""
+    Everything it sent and has not yet answered is in `outstanding` (request id -> send time);
+    `stop_sending` ends the schedule early (what was sent is still awaited)."""
 
     def __init__(self, make_channel, requests: list[pb.DecisionRequest], rate_rps: float, timeout_s: float = 10.0):
         super().__init__(daemon=True)
@@ -41,6 +42,7 @@ class Driver(threading.Thread):
         self.outstanding: dict[str, float] = {}
         self.results: list[Outcome] = []
         self.started = threading.Event()
+        self.stop_sending = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -70,11 +72,17 @@ class Driver(threading.Thread):
             tasks = []
             self.started.set()
             for i, req in enumerate(self.requests):
+                if self.stop_sending.is_set():
+                    break
                 delay = t0 + i / self.rate - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(self._one(stub, req)))
             await asyncio.gather(*tasks)
+
+    def answered(self) -> int:
+        with self.lock:
+            return len(self.results)
 
     def outstanding_since(self, t: float) -> int:
         """Requests sent at or after monotonic time `t` and not answered yet."""
@@ -118,11 +126,11 @@ def wait_until(cond, timeout_s: float, what: str, poll_s: float = 0.02) -> None:
 
 class FakeReplica:
     """A stand-in replica for balancer and client tests (no model): grpc.health.v1 plus a `Decide`
-    that answers with its own name in `model.bundle_id` and counts calls. `fail_first[code]` makes
-    the first attempt of every request id fail with that status; `hold` (an Event) makes Decide
-    wait until it is set."""
+    that answers with its own name in `model.bundle_id` and counts calls. `fail_first` (a status)
+    fails the first attempt of every request id -- first among all replicas sharing `seen` -- and
+    `fail_always` every attempt; `hold` (an Event) makes Decide wait until it is set."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, seen: set[str] | None = None) -> None:
         from concurrent import futures
 
         from grpc_health.v1 import health, health_pb2_grpc
@@ -130,6 +138,7 @@ class FakeReplica:
         self.name = name
         self.lock = threading.Lock()
         self.calls: list[str] = []                    # request ids, one per attempt received
+        self.seen = set() if seen is None else seen   # request ids any replica sharing it has received
         self.fail_first: grpc.StatusCode | None = None
         self.fail_always: grpc.StatusCode | None = None
         self.hold: threading.Event | None = None
@@ -159,14 +168,19 @@ class FakeReplica:
         self.server.stop(0).wait(5)
 
 
+_SEEN_LOCK = threading.Lock()
+
+
 class _FakeService(pb_grpc.UnderwritingServicer):
     def __init__(self, replica: FakeReplica) -> None:
         self.r = replica
 
     def Decide(self, request, context):
         r = self.r
+        with _SEEN_LOCK:
+            first = request.request_id not in r.seen
+            r.seen.add(request.request_id)
         with r.lock:
-            first = request.request_id not in r.calls
             r.calls.append(request.request_id)
         if r.hold is not None:
             r.hold.wait(30)
@@ -182,7 +196,8 @@ class _FakeService(pb_grpc.UnderwritingServicer):
 @pytest.fixture
 def fakes():
     """Three FakeReplicas, stopped after the test."""
-    made = [FakeReplica(f"f{i + 1}") for i in range(3)]
+    seen: set[str] = set()
+    made = [FakeReplica(f"f{i + 1}", seen) for i in range(3)]
     yield made
     for f in made:
         f.stop()
