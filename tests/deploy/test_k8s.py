@@ -17,7 +17,8 @@ yaml = pytest.importorskip("yaml", reason="PyYAML (requirements/test.txt, with k
 K8S = ROOT / "deploy" / "k8s"
 VERSIONS = ("1.30.0", "1.37.0")          # oldest supported (preStop sleep on by default), newest bundled
 SERVICE = "uwrt.v1.Underwriting"
-WARMUP_BUDGET_S = {"cpu": 300, "gpu": 600}   # startup probe: at least this long for load + warm-up
+WARMUP_BUDGET_S = {"cpu": 300, "gpu": 600}
+EXIT_S = 8                               # process exit after a clean drain (teardown), with margin   # startup probe: at least this long for load + warm-up
 DEPLOYMENTS = {"cpu": K8S / "deployment.yaml", "gpu": K8S / "gpu" / "deployment.yaml"}
 
 
@@ -116,7 +117,8 @@ def test_termination_grace_covers_prestop_and_the_servers_drain(profile):
     grace_s = float(_flag(c["args"], "--grace-s") or RuntimeConfig().grace_s)
     pre_stop_s = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop_s >= 5                                  # endpoint removal must reach clients first
-    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= pre_stop_s + grace_s + 1
+    # + the process's exit after draining: 4-6 s of interpreter teardown measured on 2 loaded cores
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= pre_stop_s + grace_s + EXIT_S
 
 
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
