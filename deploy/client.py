@@ -18,6 +18,11 @@ again, on another replica, with the same result (decisions are deterministic for
 request; tested), but twice, and nothing records either decision until idempotency by request id
 exists.
 
+Through a balancer (HAProxy, a mesh), use `proxy_service_config()`: the retry policy only. The
+balancer already balances and health-checks the replicas; client-side health checking through it
+would watch one replica's health over one long-lived stream and take the whole balancer out of the
+channel when that replica drains (or when the balancer times the idle stream out).
+
 `channel(target)` builds such a channel (grpc.aio by default); it is what the tests use.
 """
 from __future__ import annotations
@@ -26,7 +31,7 @@ import json
 import pathlib
 from typing import Any
 
-__all__ = ["SERVICE_CONFIG_PATH", "service_config", "channel_options", "channel"]
+__all__ = ["SERVICE_CONFIG_PATH", "service_config", "proxy_service_config", "channel_options", "channel"]
 
 SERVICE_CONFIG_PATH = pathlib.Path(__file__).resolve().parent / "client" / "service_config.json"
 
@@ -43,6 +48,11 @@ def service_config(*, retries: bool = True, round_robin: bool = True, health_che
     if not health_check:
         cfg.pop("healthCheckConfig", None)
     return cfg
+
+
+def proxy_service_config() -> dict[str, Any]:
+    """The config for a channel to a balancer: the retry policy, no client-side balancing or health."""
+    return service_config(round_robin=False, health_check=False)
 
 
 def channel_options(cfg: dict[str, Any] | None = None) -> list[tuple[str, Any]]:

@@ -42,10 +42,12 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+if sys.path and pathlib.Path(sys.path[0] or ".").resolve() == ROOT / "deploy":
+    sys.path.pop(0)                            # run as a script: deploy/'s modules are not top-level names
 if str(ROOT) not in sys.path:                  # `python deploy/cluster.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from deploy.grpc_health import haproxy_tcp_check  # noqa: E402
+from deploy.raw_health_check import haproxy_tcp_check  # noqa: E402
 
 TEMPLATE = ROOT / "deploy" / "haproxy" / "uwrt.cfg.in"
 HEALTH_SERVICE = "uwrt.v1.Underwriting"         # what `uwrt serve` reports (also "" for the whole server)

@@ -138,7 +138,8 @@ def test_sigkill_in_flight_requests_fail_unavailable_and_succeed_on_retry(health
     decision of the same request."""
     c = healthy
     reqs = _traffic(420, 404, "kill-")
-    drv = Driver(lambda: client.channel(c.target), reqs, rate_rps=60, timeout_s=DEADLINE_S)
+    drv = Driver(lambda: client.channel(c.target, client.proxy_service_config()), reqs, rate_rps=60,
+                 timeout_s=DEADLINE_S)
     out = tmp_path / "b.json"
     proc = _bench(c.target, 100, 8, out)
     drv.start()

@@ -17,8 +17,8 @@ yaml = pytest.importorskip("yaml", reason="PyYAML (requirements/test.txt, with k
 K8S = ROOT / "deploy" / "k8s"
 VERSIONS = ("1.30.0", "1.37.0")          # oldest supported (preStop sleep on by default), newest bundled
 SERVICE = "uwrt.v1.Underwriting"
-WARMUP_BUDGET_S = {"cpu": 300, "gpu": 600}
-EXIT_S = 8                               # process exit after a clean drain (teardown), with margin   # startup probe: at least this long for load + warm-up
+WARMUP_BUDGET_S = {"cpu": 300, "gpu": 600}   # startup probe: at least this long for load + warm-up
+EXIT_S = 8                               # process exit after a clean drain (teardown), with margin
 DEPLOYMENTS = {"cpu": K8S / "deployment.yaml", "gpu": K8S / "gpu" / "deployment.yaml"}
 
 

@@ -1,4 +1,4 @@
-"""deploy/grpc_health.py: the hand-built grpc.health.v1 Check (what HAProxy sends) against grpcio's
+"""deploy/raw_health_check.py: the hand-built grpc.health.v1 Check (what HAProxy sends) against grpcio's
 own health client on a real gRPC server, and the HAProxy match rules against real responses."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy import grpc_health as gh
+from deploy import raw_health_check as gh
 
 
 def test_hpack_integers_match_rfc7541_examples():
