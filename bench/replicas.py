@@ -35,6 +35,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -242,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                 haproxy=subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
                 settings=HAProxySettings().__dict__, serve_args=args.serve_args,
                 top=subprocess.run(["top", "-bn1"], capture_output=True, text=True).stdout.splitlines()[:15])
-    topo = Topology(args.bundle, out / "logs", tuple(args.serve_args))
+    logs = pathlib.Path(tempfile.mkdtemp(prefix="uwrt-replicas-"))
+    print(f"replica and balancer logs: {logs}", flush=True)
+    topo = Topology(args.bundle, logs, tuple(args.serve_args))
     source = RequestSource.generated(2000, 1, id_prefix="rep-")
     try:
         print("starting 3 replicas and 3 balancers ...", flush=True)
