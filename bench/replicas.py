@@ -95,12 +95,32 @@ class Topology:
         return [r.pid for r in self.replicas[:n]] + [lb.proc.pid]          # type: ignore[list-item,union-attr]
 
 
+def batch_counts(replicas: list[Replica]) -> tuple[int, int]:
+    """(requests, batches) summed over `replicas`, read from each one's GetModelInfo directly."""
+    import grpc
+
+    from uwrt.runtime.pb import pb, pb_grpc
+    req = bat = 0
+    for r in replicas:
+        with grpc.insecure_channel(r.target) as ch:
+            s = pb_grpc.UnderwritingStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).settings
+        req, bat = req + int(s["stats.requests"]), bat + int(s["stats.batches"])
+    return req, bat
+
+
 def run_step(topo: Topology, config: str, spec: StepSpec, source) -> dict:
     pids = topo.pids(config)
-    load0, c0 = os.getloadavg()[0], proc_cpu_s(pids)
+    lb_pid = [] if config == "direct" else pids[-1:]
+    reps = topo.replicas[:1] if config == "direct" else topo.replicas[:int(config.split("-")[1])]
+    b0 = batch_counts(reps)
+    load0, c0, l0 = os.getloadavg()[0], proc_cpu_s(pids), proc_cpu_s(lb_pid)
     row = loadgen.run_step(topo.target(config), spec, source)
-    c1, load1 = proc_cpu_s(pids), os.getloadavg()[0]
-    row.update(config=config, server_cpu_us_per_req=1e6 * (c1 - c0) / row["completed"] if row["completed"] else None,
+    c1, l1, load1 = proc_cpu_s(pids), proc_cpu_s(lb_pid), os.getloadavg()[0]
+    b1 = batch_counts(reps)
+    n = row["completed"]
+    row.update(config=config, server_cpu_us_per_req=1e6 * (c1 - c0) / n if n else None,
+               balancer_cpu_us_per_req=1e6 * (l1 - l0) / n if n and lb_pid else None,
+               replicas_mean_batch=(b1[0] - b0[0]) / (b1[1] - b0[1]) if b1[1] > b0[1] else None,
                loadavg_1m=[load0, load1])
     return row
 
@@ -126,6 +146,7 @@ def _print(r: dict) -> None:
     what = f"{r['target_rps']:.0f} rps" if r["kind"] == "open" else f"c={r['concurrency']}"
     print(f"round {r['round']} {r['config']:>6} {what:>8}: {r['completed_rps']:7.1f}/s p50 {r['p50_ms']:6.2f} "
           f"p99 {r['p99_ms']:7.2f} ms errors {r['errors'] or '-'} server {r['server_cpu_us_per_req'] or 0:6.0f} us/req "
+          f"(balancer {r['balancer_cpu_us_per_req'] or 0:4.0f}) batch {r['replicas_mean_batch'] or 0:5.2f} "
           f"load {r['loadavg_1m'][0]:.1f}", flush=True)
 
 
@@ -146,20 +167,29 @@ def _med(xs: list[float]) -> str:
     return f"{statistics.median(xs):.2f} [{min(xs):.2f}, {max(xs):.2f}]" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
+def _errs(rows: list[dict]) -> str:
+    total: dict[str, int] = {}
+    for r in rows:
+        for k, v in r["errors"].items():
+            total[k] = total.get(k, 0) + v
+    return ", ".join(f"{k} {v}" for k, v in sorted(total.items())) or "0"
+
+
 def summary(rows: list[dict], args) -> list[str]:
-    out = ["| configuration | load | completed/s | p50 ms | p99 ms | server CPU us/req | errors |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| configuration | load | completed/s | p50 ms | p99 ms | server CPU us/req | of which balancer | "
+           "mean batch | errors |", "|---|---|---|---|---|---|---|---|---|"]
     for config in CONFIGS:
         for kind, key in [("open", r) for r in args.rates] + [("closed", args.concurrency)]:
             sel = [r for r in rows if r["config"] == config and r["kind"] == kind
                    and (r["target_rps"] == key if kind == "open" else r["concurrency"] == key)]
             if not sel:
                 continue
-            errs = sum(r["error_count"] for r in sel)
             label = f"{key:g} rps open" if kind == "open" else f"{key} in flight"
             out.append(f"| {config} | {label} | {_med([r['completed_rps'] for r in sel])} | "
                        f"{_med([r['p50_ms'] for r in sel])} | {_med([r['p99_ms'] for r in sel])} | "
-                       f"{_med([r['server_cpu_us_per_req'] for r in sel])} | {errs} |")
+                       f"{_med([r['server_cpu_us_per_req'] for r in sel])} | "
+                       f"{_med([r['balancer_cpu_us_per_req'] for r in sel])} | "
+                       f"{_med([r['replicas_mean_batch'] for r in sel])} | {_errs(sel)} |")
     return out
 
 
@@ -224,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default=str(ROOT / "bundles" / "demo"))
-    p.add_argument("--rates", default="200,400", help="open-loop rates, requests/s (default 200,400)")
+    p.add_argument("--rates", default="100,200", help="open-loop rates, requests/s (default 100,200)")
     p.add_argument("--concurrency", type=int, default=8, help="closed-loop requests in flight (default 8)")
     p.add_argument("--duration", type=float, default=8.0, help="seconds per step (default 8)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--failover-rate", type=float, default=200.0)
+    p.add_argument("--failover-rate", type=float, default=100.0, help="load during the failover steps (default 100)")
     p.add_argument("--sigterm-trials", type=int, default=10, help="plain-SIGTERM repetitions (default 10)")
-    p.add_argument("--sigterm-rate", type=float, default=300.0, help="load during them, requests/s (default 300)")
+    p.add_argument("--sigterm-rate", type=float, default=150.0, help="load during them, requests/s (default 150)")
     p.add_argument("--no-failover", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "replicas"))
     p.add_argument("serve_args", nargs="*", help="extra `uwrt serve` flags for every replica (after --)")

@@ -121,8 +121,9 @@ def serve_flags() -> frozenset[str]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS just called free. Small race until the caller binds it; gRPC servers share
-    ports silently (SO_REUSEPORT), so callers check the replica they started is the one answering."""
+    """A port the OS just called free. There is a small race until the caller binds it, and a gRPC
+    server that lost it would share it silently (SO_REUSEPORT) rather than fail, until `uwrt serve`
+    refuses an occupied port; on loopback, with ports from the OS's ephemeral range, this is rare."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
