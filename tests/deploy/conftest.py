@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import shutil
 import threading
 import time
 
 import grpc
 import pytest
 
+from deploy.cluster import find_haproxy
 from uwrt.runtime.pb import pb, pb_grpc
 
-needs_haproxy = pytest.mark.skipif(
-    shutil.which("haproxy") is None and not any(shutil.os.access(p, shutil.os.X_OK)
-                                                for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")),
-    reason="needs the Debian package haproxy (>= 2.6): `make ops-install`")
+needs_haproxy = pytest.mark.skipif(find_haproxy() is None,
+                                   reason="needs the Debian package haproxy (>= 2.6): `make ops-install`")
 
 
 @dataclasses.dataclass
