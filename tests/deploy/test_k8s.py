@@ -86,7 +86,7 @@ def test_container_runs_uwrt_serve_with_flags_that_exist(profile):
     assert parsed.knob_profile == profile
     assert parsed.knob_host == "0.0.0.0"                   # reachable from other pods, not loopback only
     from uwrt.runtime.config import knobs
-    env_names = {f"UWRT_{dotted.replace('.', '_').upper()}" for dotted, *_ in knobs()} | {"UWRT_CACHE_DIR"}
+    env_names = {f"UWRT_{dotted.replace('.', '_').upper()}" for dotted, *_ in knobs()} | {"UWRT_CACHE_DIR", "UWRT_STATE_DIR"}
     for e in c.get("env", []):
         if e["name"].startswith("UWRT_"):
             assert e["name"] in env_names, e["name"]
@@ -133,7 +133,7 @@ def test_bundle_is_mounted_read_only_and_caches_are_writable(profile):
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     writable = [m["mountPath"] for m in c["volumeMounts"] if "emptyDir" in volumes[m["name"]]]
     for e in c["env"]:
-        if e["name"] in ("UWRT_CACHE_DIR", "XDG_CACHE_HOME"):
+        if e["name"] in ("UWRT_CACHE_DIR", "XDG_CACHE_HOME", "UWRT_STATE_DIR"):
             assert any(e["value"].startswith(w) for w in writable), e
 
 
