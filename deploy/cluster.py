@@ -167,8 +167,12 @@ class Replica:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "uwrt.runtime.cli", "serve", "--bundle", self.bundle,
                "--host", self.host, "--port", str(self.port)]
-        if "--workers" in serve_flags():       # multi-process serving (issue: mproc): one worker per replica here
+        if "--workers" in serve_flags():       # multi-process serving: one worker per replica here
             cmd += ["--workers", "1"]
+        if "--drain-delay-s" in serve_flags():
+            # on SIGTERM, keep serving NOT_SERVING for longer than HAProxy needs to take the replica
+            # out of rotation (inter + fall x fastinter, ~0.4 s): a plain SIGTERM then loses nothing
+            cmd += ["--drain-delay-s", "1.0"]
         return cmd + list(self.serve_args)
 
     def start(self) -> None:
