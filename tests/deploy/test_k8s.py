@@ -86,7 +86,8 @@ def test_container_runs_uwrt_serve_with_flags_that_exist(profile):
     assert parsed.knob_profile == profile
     assert parsed.knob_host == "0.0.0.0"                   # reachable from other pods, not loopback only
     from uwrt.runtime.config import knobs
-    env_names = {f"UWRT_{dotted.replace('.', '_').upper()}" for dotted, *_ in knobs()} | {"UWRT_CACHE_DIR", "UWRT_STATE_DIR"}
+    env_names = {f"UWRT_{dotted.replace('.', '_').upper()}" for dotted, *_ in knobs()}
+    env_names |= {"UWRT_CACHE_DIR", "UWRT_STATE_DIR"}
     for e in c.get("env", []):
         if e["name"].startswith("UWRT_"):
             assert e["name"] in env_names, e["name"]
