@@ -18,11 +18,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uwrt.runtime import __version__
-from uwrt.runtime.bundle.bundle import Bundle, create_from_parts, load_bundle
 from uwrt.runtime.errors import BundleError
+
+if TYPE_CHECKING:
+    from uwrt.runtime.bundle.bundle import Bundle
 
 __all__ = ["register", "cmd_create", "cmd_inspect"]
 
@@ -63,6 +65,7 @@ def _fail(e: BundleError) -> int:
 
 def cmd_create(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle create`."""
+    from uwrt.runtime.bundle.bundle import create_from_parts  # imported on use: `uwrt --help` stays light
     try:
         b = create_from_parts(
             args.out, trees=args.trees, encoder_weights=args.encoder_weights,
@@ -82,6 +85,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle inspect`: verifies, then prints text or (--json) one object."""
+    from uwrt.runtime.bundle.bundle import load_bundle  # imported on use: `uwrt --help` stays light
     try:
         b = load_bundle(args.dir)
     except BundleError as e:
