@@ -1,9 +1,9 @@
 """The decision table that `uwrt decide` and `uwrt score` print for a person (`--json` gives
 machines the DecisionResponse JSON lines instead).
 
-    request_id  outcome      PD      score  srv_us  reasons                  warnings
-    cli-0       APPROVE      0.0213    687    2313  -                        -
-    cli-3       DECLINE      0.4120    541    2710  DELINQUENCY,UTILIZATION  FEATURE_IMPUTED(bureau_score,income)
+    request_id  outcome      PD      score  total_us  reasons                  warnings
+    cli-0       APPROVE      0.0213    687      2313  -                        -
+    cli-3       DECLINE      0.4120    541      2710  DELINQUENCY,UTILIZATION  FEATURE_IMPUTED(bureau_score,income)
 
 Column widths come from the rows printed (so four reasons never push the columns out of
 line); the warnings column is last and says which feature or how many events each warning
@@ -30,17 +30,18 @@ def warnings_text(resp: pb.DecisionResponse) -> str:
 
 
 def format_decisions(responses: Sequence[pb.DecisionResponse]) -> list[str]:
-    """The header and one line per response. The server-side time column (`srv_us`, the
-    response's `timing.total_us`) appears only when some response carries one (a server's)."""
+    """The header and one line per response. The time column (`total_us`: the response's
+    `timing.total_us`, the server's or the offline pipeline's) appears only when some response
+    carries one."""
     timed = any(r.timing.total_us for r in responses)
-    head = ("request_id", "outcome", "PD", "score") + (("srv_us",) if timed else ()) + ("reasons", "warnings")
+    head = ("request_id", "outcome", "PD", "score") + (("total_us",) if timed else ()) + ("reasons", "warnings")
     rows = [head]
     for r in responses:
         rows.append((r.request_id, pb.Outcome.Name(r.outcome), f"{r.probability_of_default:.4f}", f"{r.score:.0f}")
                     + ((str(r.timing.total_us),) if timed else ())
                     + (",".join(x.code for x in r.reasons) or "-", warnings_text(r)))
     widths = [max(len(row[k]) for row in rows) for k in range(len(head))]
-    right = {"PD", "score", "srv_us"}
+    right = {"PD", "score", "total_us"}
     out = []
     for row in rows:
         cells = [c.rjust(w) if h in right else c.ljust(w)

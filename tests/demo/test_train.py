@@ -67,6 +67,56 @@ def test_bars_are_off_when_stderr_is_not_a_terminal():
         assert bar.disable
 
 
+BAR_PROBE = """
+import logging, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+from uwrt.demo.train import _bar, _logs_above_bars
+with _logs_above_bars():
+    bar = _bar(4, "encoder epoch 1/4", "applicant")
+    for i in range(4):
+        time.sleep(0.15)
+        bar.update(1)
+        if i == 1:
+            logging.getLogger("uwrt.demo").info("a line logged while the bar runs")
+    bar.close()
+"""
+
+
+def test_bars_show_rate_and_eta_on_a_terminal():
+    """On a terminal (a pty with a size) the bar shows progress, rate and ETA, and a log record
+    printed meanwhile lands on its own line, not inside the bar."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from tests.factories import ROOT
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(
+        os.pathsep) if p])}
+    proc = subprocess.Popen([sys.executable, "-c", BAR_PROBE], stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:                                  # the child closed the pty
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    frames = out.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n").splitlines()
+    bars = [f for f in frames if f.startswith("encoder epoch 1/4:")]
+    assert any("2/4 [" in f and "applicant/s" in f for f in bars), frames      # count, elapsed<ETA, rate
+    assert "INFO uwrt.demo: a line logged while the bar runs" in frames
+
+
 def test_training_logs_one_line_per_epoch(caplog, rng):
     enc_cfg = EncoderConfig(max_history=16)
     data = synth.generate(64, int(rng.integers(0, 1000)))

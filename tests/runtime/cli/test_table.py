@@ -32,13 +32,13 @@ def test_columns_stay_aligned(rng):
     for c in CODES[:3]:
         resps[0].reasons.add(code=c)                     # four long reasons: the widest cell
     lines = format_decisions(resps)
-    assert len(lines) == 41 and lines[0].split()[:5] == ["request_id", "outcome", "PD", "score", "srv_us"]
+    assert len(lines) == 41 and lines[0].split()[:5] == ["request_id", "outcome", "PD", "score", "total_us"]
     start = lines[0].index("warnings")
     for line, resp in zip(lines[1:], resps, strict=True):
         assert line[:start].endswith("  ") and line[start:] == warnings_text(resp)   # the last column starts together
         reasons = ",".join(x.code for x in resp.reasons) or "-"
         assert line[lines[0].index("reasons"):start].rstrip() == reasons
-        assert line[:lines[0].index("srv_us") + len("srv_us")].endswith(str(resp.timing.total_us))
+        assert line[:lines[0].index("total_us") + len("total_us")].endswith(str(resp.timing.total_us))
 
 
 def test_warnings_name_their_feature(rng):
@@ -53,5 +53,5 @@ def test_warnings_name_their_feature(rng):
 
 def test_offline_responses_have_no_server_time_column(rng):
     lines = format_decisions([random_response(rng, i, timed=False) for i in range(5)])
-    assert "srv_us" not in lines[0] and len(lines) == 6
+    assert "total_us" not in lines[0] and len(lines) == 6
     assert format_decisions([]) == ["request_id  outcome  PD  score  reasons  warnings"]
