@@ -91,7 +91,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                 else:
                     out.write(to_json_line(res) + "\n")
         if table:
-            out.write("\n".join(format_decisions(decided)) + "\n")
+            out.write("\n".join(format_decisions(decided, times=False)) + "\n")
     dt = time.perf_counter() - t0
     n = len(requests)
     print(f"scored {n - n_bad} of {n} requests in {dt:.2f}s ({n / dt if dt else 0:.0f} requests/s, "

@@ -29,11 +29,11 @@ def warnings_text(resp: pb.DecisionResponse) -> str:
     return "; ".join(f"{code}({','.join(d)})" if d else code for code, d in grouped.items()) or "-"
 
 
-def format_decisions(responses: Sequence[pb.DecisionResponse]) -> list[str]:
-    """The header and one line per response. The time column (`total_us`: the response's
-    `timing.total_us`, the server's or the offline pipeline's) appears only when some response
-    carries one."""
-    timed = any(r.timing.total_us for r in responses)
+def format_decisions(responses: Sequence[pb.DecisionResponse], *, times: bool = True) -> list[str]:
+    """The header and one line per response. The time column (`total_us`: each response's
+    `timing.total_us`, the server-side time of that request) appears when `times` and some
+    response carries one (`uwrt score` passes False: offline, it is the whole batch's time)."""
+    timed = times and any(r.timing.total_us for r in responses)
     head = ("request_id", "outcome", "PD", "score") + (("total_us",) if timed else ()) + ("reasons", "warnings")
     rows = [head]
     for r in responses:

@@ -54,4 +54,5 @@ def test_warnings_name_their_feature(rng):
 def test_offline_responses_have_no_server_time_column(rng):
     lines = format_decisions([random_response(rng, i, timed=False) for i in range(5)])
     assert "total_us" not in lines[0] and len(lines) == 6
+    assert "total_us" not in format_decisions([random_response(rng, 0)], times=False)[0]
     assert format_decisions([]) == ["request_id  outcome  PD  score  reasons  warnings"]
