@@ -76,8 +76,8 @@ class DemoConfig:
     @classmethod
     def preset(cls, name: str, *, seed: int | None = None, n_applicants: int | None = None,
                epochs: int | None = None, controls: bool | None = None) -> DemoConfig:
-        """"default" (`make serve`), "full" (the model card's evidence, with controls) or "small"
-        (tests); keyword arguments that are not None override the preset's value."""
+        """A named preset: `default` (`make serve`), `full` (the model card's evidence, with the
+        controls) or `small` (tests); keyword arguments that are not None override its values."""
         if name == "default":
             cfg = cls()
         elif name == "full":
@@ -223,7 +223,7 @@ def _build_demo(out_dir, cfg: DemoConfig, *, overwrite: bool) -> Bundle:
     t_all = time.perf_counter()
     torch.set_num_threads(cfg.train_threads)
     timings: dict[str, float] = {}
-    log.info("building the demo bundle: %d applicants, %d epochs, %s", cfg.n_applicants, cfg.epochs,
+    log.info("building the demo bundle: %d applicants, %s, %s", cfg.n_applicants, _epochs(cfg.epochs),
              "with the shuffled-order control" if cfg.controls
              else "no shuffled-order control (--with-controls adds it)")
 
@@ -324,8 +324,12 @@ def _build_demo(out_dir, cfg: DemoConfig, *, overwrite: bool) -> Bundle:
     return bundle
 
 
-#: The encoder's AUC lift over the tabular-only model that the full build must show.
+#: The encoder's AUC lift over the tabular-only model that the default and full builds must show.
 MIN_LIFT = 0.02
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
 
 
 def control_summary(a_tab: float, a_enc: float, a_sh: float | None) -> str:
@@ -363,9 +367,9 @@ def model_card_md(c: dict) -> str:
     lift_line = (f"Encoder lift: {c['encoder_lift']:+.4f} AUC (target >= {ok['min_encoder_lift']}: "
                  f"{'met' if ok['encoder_lift_ok'] else 'NOT met'}).")
     if not ok["encoder_lift_ok"]:
-        lift_line += (f" This build ({c['n_applicants']} applicants, {c['config']['epochs']} epochs) is too small "
-                      "to show the encoder's lift reliably; `uwrt build-demo --preset full` is the build that "
-                      "carries the evidence.")
+        lift_line += (f" This build ({c['n_applicants']} applicants, {_epochs(c['config']['epochs'])}) does not "
+                      "show the encoder's lift: smaller builds show less of it, and the full build "
+                      "(`uwrt build-demo --preset full`) is the reference evidence.")
     if sh is None:
         control_row = "| same, trained and tested on histories with shuffled event order (control) | not run |"
         evidence = ("This build carries the tabular-only baseline only. The shuffled-event-order control "

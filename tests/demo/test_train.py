@@ -59,7 +59,7 @@ def test_model_card_says_which_evidence_it_carries():
                                   acceptance={"min_encoder_lift": MIN_LIFT, "encoder_lift_ok": False,
                                               "shuffled_control_loses_most": None}))
     assert "| not run |" in without and "--with-controls" in without
-    assert "NOT met" in without and "too small to show the encoder's lift" in without and "--preset full" in without
+    assert "NOT met" in without and "does not show the encoder's lift" in without and "--preset full" in without
 
 
 def test_bars_are_off_when_stderr_is_not_a_terminal():
