@@ -143,11 +143,12 @@ class RuntimeConfig:
     #: Directory for the exported ONNX encoder; empty = the bundle's cache/onnx, or
     #: ~/.cache/uwrt/onnx ($XDG_CACHE_HOME) when that is read-only or untrusted (README: Security).
     onnx_cache_dir: str = ""
-    #: Tree stage path. "auto": routed by batch size, measured at warm-up, between the paths whose
-    #: margins are bit-identical to xgboost's ("native", our generated C layout, and "xgboost"
-    #: inplace_predict), so a score never depends on which path its batch size chose. "routed":
-    #: also the TL2cgen and ONNX Runtime paths (agree within 1e-6 in probability, not to the bit).
-    #: Or one forced path: "native", "tl2cgen", "xgboost", "onnx". Always on the CPU.
+    #: Tree stage path. "auto": each batch goes to the path measured fastest for its size at
+    #: warm-up, among the paths whose margins are bit-identical to xgboost's ("native", our
+    #: generated C layout, and "xgboost" inplace_predict), so a score never depends on which path
+    #: its batch size chose. "all": the same routing over every path, TL2cgen and ONNX Runtime
+    #: included (they agree within 1e-6 in probability, not to the bit). Or one forced path:
+    #: "native", "tl2cgen", "xgboost", "onnx". GetModelInfo's tree_backend is this value. Always on the CPU.
     tree_path: str = "auto"
     #: Where compiled tree libraries are cached; empty = the bundle's cache/native, then
     #: $UWRT_CACHE_DIR or ~/.cache/uwrt/native (first writable and trusted). Compiled once,
@@ -311,20 +312,22 @@ class RuntimeConfig:
         """The configuration `to_dict` wrote (no file, environment or profile is consulted)."""
         return _build(cls, dict(values))
 
-    def flat(self) -> dict[str, str]:
-        """Every knob as 'name' / 'batching.name' -> value string (for GetModelInfo and logs)."""
-        out = {}
+    def flat(self) -> dict[str, Any]:
+        """Every knob as 'name' / 'batching.name' -> its value as a JSON-ready Python value (str,
+        int, float, bool; a tuple becomes a list), for GetModelInfo (which sends each one as JSON
+        text) and logs."""
+        out: dict[str, Any] = {}
         for _, _, path in _leaves(type(self)):
             v: Any = self
             for p in path:
                 v = getattr(v, p)
-            out[".".join(path)] = str(v)
+            out[".".join(path)] = list(v) if isinstance(v, tuple) else v
         return out
 
 
 PROFILE_CHOICES = ("auto", "cpu", "gpu")
 ENCODER_BACKEND_CHOICES = ("onnx", "torchscript", "torch", "triton")
-TREE_PATH_CHOICES = ("auto", "routed", "native", "tl2cgen", "xgboost", "onnx")
+TREE_PATH_CHOICES = ("auto", "all", "native", "tl2cgen", "xgboost", "onnx")
 REASONS_PATH_CHOICES = ("native", "xgboost")
 PIN_WORKERS_CHOICES = ("auto", "on", "off")
 #: knobs typed str that also take a TOML integer (`workers = 2`)

@@ -31,10 +31,12 @@ import asyncio
 import concurrent.futures
 import functools
 import gc
+import json
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -54,6 +56,16 @@ log = logging.getLogger("uwrt.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Underwriting"].full_name
 MAX_GRPC_MESSAGE_BYTES = 64 << 20    # transport cap; our own max_request_bytes check is stricter and names the field
+
+
+def json_value(v: object) -> str:
+    """A GetModelInfo settings value as JSON text, so any language parses it the same way:
+    `32`, `true`, `[8,32,128]`, `"cpu"` (strings quoted), `null`. numpy scalars become numbers;
+    anything else JSON cannot hold is sent as its string."""
+    def default(o: object) -> object:
+        item = getattr(o, "item", None)            # numpy scalars
+        return item() if callable(item) else str(o)
+    return json.dumps(v, separators=(",", ":"), sort_keys=True, default=default)
 
 
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -83,7 +95,7 @@ class ServingRuntime:
                                tokens_of=self._tokens_of)
         self.batch_sizes: list[int] = []     # recent batch sizes, for tests and GetModelInfo
         #: extra GetModelInfo settings (the worker process and the supervisor's view of all workers)
-        self.info_sources: list[Callable[[], Mapping[str, str]]] = []
+        self.info_sources: list[Callable[[], Mapping[str, Any]]] = []
         self.gc_stats = _GcStats()
         self._gc_before: tuple[int, int, int] | None = None
 
@@ -183,17 +195,18 @@ class ServingRuntime:
         info.policy.CopyFrom(pb.PolicyInfo(version=p.version, approve_max_pd=p.approve_max_pd,
                                            counteroffer_max_pd=p.counteroffer_max_pd, review_max_pd=p.review_max_pd,
                                            counteroffer_amount_ratio=p.counteroffer_amount_ratio))
-        info.settings.update(self.cfg.flat())
+        settings: dict[str, object] = dict(self.cfg.flat())
         sections: tuple[tuple[str, Mapping[str, object]], ...] = (
             ("stats", self.batcher.stats()), ("encoder", self.pipeline.encoder_stats()),
             ("trees", self.pipeline.tree_stats()))
         for prefix, stats in sections:
             for k, v in stats.items():
-                info.settings[f"{prefix}.{k}"] = str(v)
+                settings[f"{prefix}.{k}"] = v
         if self.profile_reason:
-            info.settings["profile.reason"] = self.profile_reason
+            settings["profile.reason"] = self.profile_reason
         for source in self.info_sources:
-            info.settings.update(source())
+            settings.update(source())
+        info.settings.update({k: json_value(v) for k, v in settings.items()})   # every value is JSON text
         return info
 
     async def drain(self, grace_s: float) -> bool:

@@ -330,6 +330,9 @@ def test_uwrt_serve_process_decide_and_sigterm(small_bundle, tmp_path, capsys):
                 port = int(m.group(1))
                 break
         assert port, "".join(lines)
+        start = "".join(lines)        # the start-up log: clean (issue 14)
+        assert "\x1b[" not in start and "onnxruntime" not in start.replace("uwrt.encoder.onnx", ""), start
+        assert sum("profile cpu (" in line for line in lines) == 1, start
         assert main(["decide", "--target", f"127.0.0.1:{port}", "--n", "12", "--seed", "3"]) == 0
         out = capsys.readouterr()
         assert "12 of 12 decided" in out.err and "outcome" in out.out
