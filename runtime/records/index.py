@@ -99,7 +99,8 @@ class IdempotencyIndex:
             got: dict[str, tuple] = {}
             for chunk in _chunks(ids, _MAX_VARS):
                 q = ",".join("?" * len(chunk))
-                for row in c.execute(f"SELECT request_id, digest, state, response, writer, seq, owner, t FROM decisions "
+                for row in c.execute("SELECT request_id, digest, state, response, writer, seq, owner, t "
+                                     f"FROM decisions "
                                      f"WHERE request_id IN ({q})", chunk):
                     got[row[0]] = row
             expired = [rid for rid, row in got.items() if row[2] == 1 and row[7] < now - self.window_s]

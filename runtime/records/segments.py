@@ -21,8 +21,17 @@ import grpc
 
 from uwrt.runtime.errors import UwrtError
 from uwrt.runtime.pb import rec
-from uwrt.runtime.records.format import (FORMAT_VERSION, BadFrame, Frame, frame, next_good_frame, parse_entry, scan,
-                                         segment_name, segments_of)
+from uwrt.runtime.records.format import (
+    FORMAT_VERSION,
+    BadFrame,
+    Frame,
+    frame,
+    next_good_frame,
+    parse_entry,
+    scan,
+    segment_name,
+    segments_of,
+)
 
 __all__ = ["RecordsError", "SegmentWriter", "Recovery", "recover_writer", "read_trailer", "lock_writer"]
 
@@ -164,7 +173,7 @@ class SegmentWriter:
         self.index = index
         self.segment_bytes = segment_bytes
         self.segment_s = segment_s
-        self._lock_fd = lock_writer(self.dir)
+        self._lock_fd: int | None = lock_writer(self.dir)
         self.recovery = recover_writer(self.dir)
         self.next_seq = self.recovery.last_seq + 1
         self._prev_sha = self.recovery.last_sha256

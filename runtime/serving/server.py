@@ -43,8 +43,9 @@ from grpc_reflection.v1alpha import reflection
 from uwrt.runtime.config import RuntimeConfig, pow2_buckets
 from uwrt.runtime.errors import InvalidRequest, UwrtError
 from uwrt.runtime.featurize import Limits
-from uwrt.runtime.pb import pb, pb_grpc
+from uwrt.runtime.pb import pb, pb_grpc, rec
 from uwrt.runtime.pipeline import Pipeline, StageTimes
+from uwrt.runtime.serving.audit import Audit, AuditItem, ClaimBusy, WaitForClaim, open_audit
 from uwrt.runtime.serving.batcher import Batcher, MonotonicClock, _Entry
 from uwrt.runtime.serving.ports import PortUnavailable, format_address
 from uwrt.runtime.serving.warmup import warmup_batches
@@ -86,15 +87,21 @@ class ServingRuntime:
         self.info_sources: list[Callable[[], Mapping[str, str]]] = []
         self.gc_stats = _GcStats()
         self._gc_before: tuple[int, int, int] | None = None
+        #: decision records and idempotency (runtime/serving/audit.py); None when records_dir is empty
+        self.audit: Audit | None = None
 
-    def _tokens_of(self, req: pb.DecisionRequest) -> int:
+    def _tokens_of(self, req: pb.DecisionRequest | AuditItem) -> int:
+        if isinstance(req, AuditItem):
+            req = req.req
         return max(1, min(len(req.history.type), self.max_history))
 
-    def _run_batch(self, reqs: list[pb.DecisionRequest]) -> list:
+    def _run_batch(self, reqs: list) -> list:
         """Runs on the worker thread (or the loop's, inline)."""
         self.batch_sizes.append(len(reqs))
         if len(self.batch_sizes) > 2000:
             del self.batch_sizes[:-1000]
+        if self.audit is not None:        # records + idempotency: results come once the records are durable
+            return self.audit.run_batch(self.pipeline, reqs, self.profile)  # type: ignore[return-value]
         return self.pipeline.decide(reqs, StageTimes())
 
     async def start(self) -> None:
@@ -141,14 +148,15 @@ class ServingRuntime:
                     timings.append((len(batch), sum(self._tokens_of(r) for r in batch), us))
         return timings
 
-    def enqueue(self, req: pb.DecisionRequest, time_remaining_s: float | None) -> _Entry:
+    def enqueue(self, req: pb.DecisionRequest | AuditItem, time_remaining_s: float | None) -> _Entry:
         """Check the size and queue the request (raises at once when it is refused); the entry's
         future resolves to the pipeline's result. `finish` turns it into the response."""
-        size = req.ByteSize()
+        msg = req.req if isinstance(req, AuditItem) else req
+        size = msg.ByteSize()
         if size > self.cfg.max_request_bytes:
             raise InvalidRequest("request", f"{size} bytes exceeds the limit of {self.cfg.max_request_bytes}")
         deadline_us = None if time_remaining_s is None else self.clock.now_us() + int(time_remaining_s * 1e6)
-        return self.batcher.enqueue(req, priority=req.priority, deadline_us=deadline_us)
+        return self.batcher.enqueue(req, priority=msg.priority, deadline_us=deadline_us)
 
     @staticmethod
     def finish(result: object, queue_us: int, t0_ns: int) -> pb.DecisionResponse:
@@ -161,7 +169,10 @@ class ServingRuntime:
         tm.total_us = (time.perf_counter_ns() - t0_ns) // 1000
         return result
 
-    async def decide(self, req: pb.DecisionRequest, *, time_remaining_s: float | None) -> pb.DecisionResponse:
+    async def decide(self, req: pb.DecisionRequest, *, time_remaining_s: float | None,
+                     rpc: int = rec.RPC_DECIDE) -> pb.DecisionResponse:
+        if self.audit is not None:
+            return await self._decide_recorded(req, time_remaining_s, rpc)
         t0 = time.perf_counter_ns()
         entry = self.enqueue(req, time_remaining_s)
         try:
@@ -170,6 +181,42 @@ class ServingRuntime:
             self.batcher.cancel(entry)
             raise
         return self.finish(result, entry.queue_us, t0)
+
+    async def _decide_recorded(self, req: pb.DecisionRequest, time_remaining_s: float | None,
+                               rpc: int) -> pb.DecisionResponse:
+        """`decide` with records on: every answer, error or decision, is recorded before it goes
+        out; a request whose id another request is deciding waits for that one (runtime/serving/audit.py)."""
+        audit = self.audit
+        assert audit is not None
+        item = AuditItem(req, time.perf_counter_ns(), time.time_ns(), rpc)
+        end_s = None if time_remaining_s is None else time.monotonic() + time_remaining_s
+        for _ in range(3):
+            left = None if end_s is None else end_s - time.monotonic()
+            try:
+                entry = self.enqueue(item, left)
+            except Exception as e:
+                await audit.record_error(item, e)
+                raise
+            try:
+                result = await entry.future
+            except asyncio.CancelledError:
+                self.batcher.cancel(entry)
+                audit.record_error(item, asyncio.CancelledError())
+                raise
+            except Exception as e:
+                await audit.record_error(item, e)
+                raise
+            if isinstance(result, WaitForClaim):
+                resp = await audit.wait_claim(item, result, None if end_s is None else end_s - time.monotonic())
+                if resp is None:      # the other request's claim was released (it failed): decide this one
+                    continue
+                return resp
+            if isinstance(result, BaseException):
+                raise result          # recorded with its batch
+            return result
+        busy = ClaimBusy(f"request_id {req.request_id!r}: claims kept being released; retry")
+        await audit.record_error(item, busy)
+        raise busy
 
     def model_info(self) -> pb.ModelInfo:
         b = self.pipeline.bundle
@@ -190,6 +237,9 @@ class ServingRuntime:
         for prefix, stats in sections:
             for k, v in stats.items():
                 info.settings[f"{prefix}.{k}"] = str(v)
+        if self.audit is not None:
+            for k, v in self.audit.stats().items():
+                info.settings[f"records.{k}"] = str(v)
         if self.profile_reason:
             info.settings["profile.reason"] = self.profile_reason
         for source in self.info_sources:
@@ -238,6 +288,16 @@ class _GcStats:
         return " ".join(f"gen{g}={self.count[g]} ({self.ns[g] / 1e6:.1f} ms)" for g in range(3))
 
 
+def _error_response(req: pb.DecisionRequest, e: Exception) -> pb.DecisionResponse:
+    """DecideStream's in-band error for a request."""
+    code, msg = _status_of(e)
+    resp = pb.DecisionResponse(request_id=req.request_id)
+    resp.error.code, resp.error.message = code.name, msg
+    if isinstance(e, InvalidRequest):
+        resp.error.field = e.field
+    return resp
+
+
 class UnderwritingService(pb_grpc.UnderwritingServicer):
     def __init__(self, rt: ServingRuntime) -> None:
         self.rt = rt
@@ -261,17 +321,14 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         go through one queue to this generator. When the stream ends early (client gone), the
         requests still queued are removed (never run)."""
         rt = self.rt
+        if rt.audit is not None:
+            async for resp in self._stream_recorded(request_iterator, context):
+                yield resp
+            return
         out: asyncio.Queue = asyncio.Queue()
         live: dict[int, _Entry] = {}
         reading = True
-
-        def error_response(req: pb.DecisionRequest, e: Exception) -> pb.DecisionResponse:
-            code, msg = _status_of(e)
-            resp = pb.DecisionResponse(request_id=req.request_id)
-            resp.error.code, resp.error.message = code.name, msg
-            if isinstance(e, InvalidRequest):
-                resp.error.field = e.field
-            return resp
+        error_response = _error_response
 
         def done(req: pb.DecisionRequest, entry: _Entry, t0: int, fut: asyncio.Future) -> None:
             live.pop(id(entry), None)
@@ -315,6 +372,54 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
             for entry in list(live.values()):
                 rt.batcher.cancel(entry)
 
+    async def _stream_recorded(self, request_iterator: AsyncIterator[pb.DecisionRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecisionResponse]:
+        """DecideStream with records on: a task per message runs `decide` (records, idempotency,
+        waiting for a claim), its response or in-band error goes to the stream when recorded."""
+        rt = self.rt
+        out: asyncio.Queue = asyncio.Queue()
+        live: set[asyncio.Task] = set()
+        reading = True
+
+        async def one(req: pb.DecisionRequest) -> None:
+            try:
+                resp = await rt.decide(req, time_remaining_s=context.time_remaining(), rpc=rec.RPC_DECIDE_STREAM)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - in-band, never a broken stream
+                resp = _error_response(req, e)
+            out.put_nowait(resp)
+
+        def done(task: asyncio.Task) -> None:
+            live.discard(task)
+            if not reading and not live:
+                out.put_nowait(None)
+
+        async def reader() -> None:
+            nonlocal reading
+            try:
+                async for req in request_iterator:
+                    task = asyncio.ensure_future(one(req))
+                    live.add(task)
+                    task.add_done_callback(done)
+            finally:
+                reading = False
+                if not live:
+                    out.put_nowait(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    break
+                yield item
+            await read_task
+        finally:
+            read_task.cancel()
+            for task in list(live):
+                task.cancel()
+
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.rt.model_info()
 
@@ -323,12 +428,16 @@ class Server:
     """A running decision server. `await start()`, then `await stop()` (or run `serve()`)."""
 
     def __init__(self, pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu",
-                 profile_reason: str = "", reuse_port: bool = False, bind: bool = True) -> None:
+                 profile_reason: str = "", reuse_port: bool = False, bind: bool = True, writer_index: int = 0,
+                 recover_all: bool = True) -> None:
         """`reuse_port`: SO_REUSEPORT on the listener (only for the workers of one supervisor,
         which holds the port; off otherwise, so an occupied port fails). `bind`: bind cfg.host:cfg.port
-        now (raises PortUnavailable); False = bind in start(), after the warm-up."""
+        now (raises PortUnavailable); False = bind in start(), after the warm-up. With records_dir:
+        this process writes decision records as writer `writer_index`, after recovering what a
+        previous process left (every writer's directory when `recover_all`: a single server)."""
         self.cfg = cfg
         self.rt = ServingRuntime(pipeline, cfg, profile=profile, profile_reason=profile_reason)
+        self.rt.audit = open_audit(cfg, writer_index, recover_all=recover_all)
         self.health = health.aio.HealthServicer()
         opts = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
@@ -404,6 +513,8 @@ class Server:
         stop_task = asyncio.create_task(self.grpc.stop(grace))
         ok = await self.rt.drain(grace)
         await stop_task
+        if self.rt.audit is not None:       # every answer recorded: seal the open segment
+            await asyncio.to_thread(self.rt.audit.close)
         log.log(logging.INFO if ok else logging.ERROR, "stopped after %.2fs%s", time.monotonic() - t0,
                 "" if ok else ": requests still queued or running after the grace period were failed")
         self._stopped.set()
