@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     from uwrt.runtime.cli import bundle as bundle_cli
     bundle_cli.register(sub)
 
+    from uwrt.runtime.cli import audit as audit_cli
+    audit_cli.register(sub)
+
     from uwrt.bench import loadgen  # `uwrt bench`: the load generator (bench/loadgen/)
     loadgen.register(sub)
     return p

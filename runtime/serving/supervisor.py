@@ -157,6 +157,7 @@ class Supervisor:
             log.info("starting %s on %s; bundle %s, digest %s (from %s)", self.plan.describe(), self.res.address,
                      self.bundle, self.digest[:12], self.digest_source)
             self._publish()
+            self._recover_records(None)      # every writer directory, before any worker writes
             for w in self.workers:
                 self._spawn(w)
             code = self._start()
@@ -369,7 +370,28 @@ class Supervisor:
             log.error("worker %d (pid %d, cpu %s) exited: %s%s; restarting in %.1fs (failure %d in a row, "
                       "%d restarts so far)", w.index, pid, w.cpu, w.last_exit, why, delay, w.failures, w.restarts)
         w.proc, w.why, w.serving_since = None, "", None
+        self._recover_records([w.index])
         self._publish()
+
+    def _recover_records(self, only: list[int] | None) -> None:
+        """With records_dir: seal what dead workers left in their log directories, index their
+        durable decisions and drop their claims (runtime/records/recover.py), so requests with
+        the same ids on the other workers stop waiting for a dead owner at once."""
+        if not self.cfg.records_dir:
+            return
+        from uwrt.runtime.records.index import IdempotencyIndex
+        from uwrt.runtime.records.recover import index_path, recover
+        try:
+            os.makedirs(self.cfg.records_dir, exist_ok=True)
+            index = None
+            if self.cfg.idempotency_window_s > 0:
+                index = IdempotencyIndex(index_path(self.cfg.records_dir), window_s=self.cfg.idempotency_window_s,
+                                         owner=f"supervisor:{os.getpid()}")
+            recover(self.cfg.records_dir, index, only=only)
+            if index is not None:
+                index.close()
+        except Exception:  # noqa: BLE001 - the worker's own start-up recovers again and fails loudly if it cannot
+            log.exception("decision log %s: recovery failed", self.cfg.records_dir)
 
     def _check_start_timeouts(self) -> None:
         now = time.monotonic()

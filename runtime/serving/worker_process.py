@@ -117,7 +117,7 @@ async def _serve(spec: dict[str, Any], cfg, pipe, status: _Status, rest: bytes, 
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(ctl), os.fdopen(0, "rb", 0, closefd=False))
 
     server = Server(pipe, cfg, profile=spec["profile"], profile_reason=spec["profile_reason"], reuse_port=True,
-                    bind=False)
+                    bind=False, writer_index=index, recover_all=False)
     server.rt.info_sources.append(lambda: worker_settings(index=index, count=int(spec["count"]), cpu=cpu,
                                                           status_file=spec["status_file"]))
     try:
