@@ -137,7 +137,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_dir(args.bundle, config=RuntimeConfig())
     ident = pipe.identity
     todo: list[tuple[str, rec.DecisionRecord]] = []
-    skipped, counts = Counter(), Counter()
+    skipped: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
     for writer, r in records(args.dir):
         if r.kind not in kinds:
             continue
@@ -148,7 +149,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.limit and len(todo) >= args.limit:
             break
     diffs: list[dict[str, Any]] = []
-    same_bundle = Counter()
+    same_bundle: Counter[bool] = Counter()
     for s in range(0, len(todo), args.batch_size):
         chunk = todo[s:s + args.batch_size]
         for (writer, r), res in zip(chunk, pipe.decide([r.request for _, r in chunk]), strict=True):

@@ -171,7 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{cfg.bundle_digest} is required", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(pipe, cfg, profile=cfg.profile, profile_reason=reason, pinned_cpu=plan.cpus[0]))
+        return asyncio.run(serve(pipe, cfg, profile=cfg.profile, profile_reason=reason, pinned_cpu=plan.cpus[0],
+                                 bundle_path=bundle))
     except ports.PortUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 4

@@ -34,7 +34,8 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,11 +44,13 @@ from grpc_reflection.v1alpha import reflection
 from uwrt.runtime.config import RuntimeConfig, pow2_buckets
 from uwrt.runtime.errors import InvalidRequest, UwrtError
 from uwrt.runtime.featurize import Limits
-from uwrt.runtime.pb import pb, pb_grpc, rec
+from uwrt.runtime.pb import admin_grpc, pb, pb_grpc, rec
 from uwrt.runtime.pipeline import Pipeline, StageTimes
+from uwrt.runtime.serving.admin import ADMIN_SERVICE_NAME, AdminService
 from uwrt.runtime.serving.audit import Audit, AuditItem, ClaimBusy, WaitForClaim, open_audit
 from uwrt.runtime.serving.batcher import Batcher, MonotonicClock, _Entry
 from uwrt.runtime.serving.ports import PortUnavailable, format_address
+from uwrt.runtime.serving.reload import LocalReloader
 from uwrt.runtime.serving.warmup import warmup_batches
 from uwrt.runtime.serving.workers import worker_settings
 
@@ -118,35 +121,49 @@ class ServingRuntime:
         log.info("gc after warm-up: %s, thresholds %s, %d objects frozen", self.cfg.gc_after_warmup,
                  gc.get_threshold(), gc.get_freeze_count())
 
-    def warm_up(self, passes: int = 2) -> list[tuple[int, int, float]]:
-        """Run every batch shape the batcher can form (blocking; before reporting SERVING).
+    def warm_up(self, passes: int = 2, pipeline: Pipeline | None = None) -> list[tuple[int, int, float]]:
+        """Run every batch shape the batcher can form (blocking; before reporting SERVING), on
+        the serving pipeline or on `pipeline` (a hot reload's new one, runtime/serving/reload.py).
 
         Returns (batch size, tokens, microseconds) of the passes after the first (cold) one, to
         calibrate the batcher's cost model before the first real request. An encoder with its own
         `warmup` (the GPU path: CUDA-graph capture for every bucket) runs it first."""
-        enc_warmup = getattr(self.pipeline.encoder, "warmup", None)
+        pipe = pipeline or self.pipeline
+        max_history = pipe.encoder_config.max_history
+        enc_warmup = getattr(pipe.encoder, "warmup", None)
         if callable(enc_warmup):
             t0 = time.perf_counter()
             enc_warmup()
-            log.info("encoder %s warm-up in %.1fs", self.pipeline.encoder.name, time.perf_counter() - t0)
+            log.info("encoder %s warm-up in %.1fs", pipe.encoder.name, time.perf_counter() - t0)
         timings = []
-        batches = list(warmup_batches(self.pipeline.schema, self.max_history, self.cfg.batching))
+        batches = list(warmup_batches(pipe.schema, max_history, self.cfg.batching))
         for p in range(passes):
             if p == 1:      # after the cold pass: time the tree paths per batch size on this machine
                 t0 = time.perf_counter()
-                self.pipeline.calibrate_trees(batches, batch_sizes=pow2_buckets(self.cfg.batching.max_batch_size))
-                log.info("tree stage %s calibrated in %.1fs: %s", self.pipeline.trees.name, time.perf_counter() - t0,
-                         self.pipeline.tree_stats())
+                pipe.calibrate_trees(batches, batch_sizes=pow2_buckets(self.cfg.batching.max_batch_size))
+                log.info("tree stage %s calibrated in %.1fs: %s", pipe.trees.name, time.perf_counter() - t0,
+                         pipe.tree_stats())
             for batch in batches:
                 t0 = time.perf_counter_ns()
-                res = self.pipeline.decide(batch)
+                res = pipe.decide(batch)
                 us = (time.perf_counter_ns() - t0) / 1000
                 bad = [r for r in res if isinstance(r, InvalidRequest)]
                 if bad:
                     raise RuntimeError(f"warm-up request rejected: {bad[0]}")
                 if p:
-                    timings.append((len(batch), sum(self._tokens_of(r) for r in batch), us))
+                    timings.append((len(batch), sum(max(1, min(len(r.history.type), max_history)) for r in batch),
+                                    us))
         return timings
+
+    def swap(self, pipeline: Pipeline, timings: list[tuple[int, int, float]]) -> Pipeline:
+        """Serve `pipeline` from the next batch on (call on the event loop; the batch running now
+        finishes on the old one, which is returned). `timings`: its warm-up, for the cost model."""
+        old = self.pipeline
+        self.pipeline = pipeline
+        self.max_history = pipeline.encoder_config.max_history
+        for n, tokens, us in timings:
+            self.batcher.cost.observe(n, tokens, us)
+        return old
 
     def enqueue(self, req: pb.DecisionRequest | AuditItem, time_remaining_s: float | None) -> _Entry:
         """Check the size and queue the request (raises at once when it is refused); the entry's
@@ -429,7 +446,7 @@ class Server:
 
     def __init__(self, pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu",
                  profile_reason: str = "", reuse_port: bool = False, bind: bool = True, writer_index: int = 0,
-                 recover_all: bool = True) -> None:
+                 recover_all: bool = True, bundle_path: str = "") -> None:
         """`reuse_port`: SO_REUSEPORT on the listener (only for the workers of one supervisor,
         which holds the port; off otherwise, so an occupied port fails). `bind`: bind cfg.host:cfg.port
         now (raises PortUnavailable); False = bind in start(), after the warm-up. With records_dir:
@@ -445,9 +462,16 @@ class Server:
         self.grpc = grpc.aio.server(options=opts)
         pb_grpc.add_UnderwritingServicer_to_server(UnderwritingService(self.rt), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc)
+        # hot reload (runtime/serving/reload.py): SIGHUP / Admin.Reload; a worker replaces
+        # reload_fn with a request to its supervisor, which reloads every worker together
+        self.reloader = LocalReloader(self.rt, bundle_path or cfg.bundle, build_pipeline)
+        self.reload_fn: Callable[[str, str], Awaitable[Any]] = self.reloader.reload
+        self.rt.info_sources.append(lambda: {f"reload.{k}": str(v) for k, v in self.reloader.stats().items()})
+        services = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        if cfg.admin_enabled:
+            admin_grpc.add_AdminServicer_to_server(AdminService(lambda b, d: self.reload_fn(b, d)), self.grpc)
+            services.append(ADMIN_SERVICE_NAME)
+        reflection.enable_server_reflection(tuple(services), self.grpc)
         self.port: int = 0           # the bound port; 0 until bound
         self._warm = False
         self._stopped = asyncio.Event()
@@ -525,16 +549,24 @@ class Server:
 
 
 async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu", profile_reason: str = "",
-                pinned_cpu: int | None = None) -> int:
+                pinned_cpu: int | None = None, bundle_path: str = "") -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (0 after a clean drain, 6 when requests were
     still queued or running when grace_s ran out). One process on an
     exclusive port (raises PortUnavailable when it is taken); `pinned_cpu` is reported in GetModelInfo."""
-    server = Server(pipeline, cfg, profile=profile, profile_reason=profile_reason)
+    server = Server(pipeline, cfg, profile=profile, profile_reason=profile_reason, bundle_path=bundle_path)
     server.rt.info_sources.append(lambda: worker_settings(index=0, count=1, cpu=pinned_cpu))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Future] = set()
+
+    def on_hup() -> None:         # hot reload of the configured bundle path (runtime/serving/reload.py)
+        log.info("SIGHUP: reloading %s", server.reloader.default_bundle)
+        f = asyncio.ensure_future(server.reloader.reload())
+        reloads.add(f)
+        f.add_done_callback(reloads.discard)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await server.start()
     print(f"uwrt serving on {cfg.host}:{server.port}", flush=True)
     await stop.wait()

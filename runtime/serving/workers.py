@@ -126,6 +126,10 @@ def worker_settings(*, index: int, count: int, cpu: int | None,
     out["workers.restarts"] = str(st["restarts"])
     out["workers.refused"] = str(st["refused"])
     out["workers.address"] = str(st["address"])
+    out["workers.bundle"] = str(st.get("bundle", ""))
+    out["workers.digest"] = str(st.get("digest", ""))
+    out["workers.reloads"] = str(st.get("reloads", 0))
+    out["workers.reload_last"] = str(st.get("reload_last", ""))
     for w in st["workers"]:
         i = w["index"]
         for k in ("pid", "cpu", "state", "restarts", "last_exit"):
