@@ -51,6 +51,7 @@ from uwrt.runtime.serving.audit import Audit, AuditItem, ClaimBusy, WaitForClaim
 from uwrt.runtime.serving.batcher import Batcher, MonotonicClock, _Entry
 from uwrt.runtime.serving.ports import PortUnavailable, format_address
 from uwrt.runtime.serving.reload import LocalReloader
+from uwrt.runtime.serving.shadow import attach_shadow
 from uwrt.runtime.serving.warmup import warmup_batches
 from uwrt.runtime.serving.workers import worker_settings
 
@@ -455,6 +456,7 @@ class Server:
         self.cfg = cfg
         self.rt = ServingRuntime(pipeline, cfg, profile=profile, profile_reason=profile_reason)
         self.rt.audit = open_audit(cfg, writer_index, recover_all=recover_all)
+        self.shadow = attach_shadow(self.rt, cfg, build_pipeline)     # the challenger (runtime/serving/shadow.py)
         self.health = health.aio.HealthServicer()
         opts = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
@@ -537,6 +539,8 @@ class Server:
         stop_task = asyncio.create_task(self.grpc.stop(grace))
         ok = await self.rt.drain(grace)
         await stop_task
+        if self.shadow is not None:
+            await asyncio.to_thread(self.shadow.close)
         if self.rt.audit is not None:       # every answer recorded: seal the open segment
             await asyncio.to_thread(self.rt.audit.close)
         log.log(logging.INFO if ok else logging.ERROR, "stopped after %.2fs%s", time.monotonic() - t0,

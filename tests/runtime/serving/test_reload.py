@@ -116,3 +116,49 @@ def test_admin_service_is_off_by_default(pipe):
             await server.stop(1.0)
 
     assert asyncio.run(main()) == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_shadow_scores_a_sample_after_the_response_and_counts_agreement(pipe, other_bundle, traffic, tmp_path):
+    cfg = dataclasses.replace(CFG, records_dir=str(tmp_path / "log"), shadow_bundle=str(other_bundle),
+                              shadow_share=0.5, shadow_queue=64)
+
+    async def main():
+        server = Server(pipe, cfg)
+        await server.start()
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        stub = pb_grpc.UnderwritingStub(ch)
+        got = []
+        for k in range(0, 120, 8):         # batches one after another: the champion's queue is idle in between
+            reqs = []
+            for i in range(k, k + 8):
+                r = pb.DecisionRequest()
+                r.CopyFrom(traffic[i % len(traffic)])
+                r.request_id = f"s-{i}"
+                reqs.append(r)
+            got += await asyncio.gather(*(stub.Decide(r, timeout=30) for r in reqs))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        await ch.close()
+        await server.stop(5.0)
+        return got, dict(info.settings)
+
+    from uwrt.runtime.serving.shadow import sampled
+    got, s = asyncio.run(main())
+    assert all(g.model.bundle_digest == pipe.identity.bundle_digest for g in got)   # the champion answered
+    recs = [r for _, r in records(tmp_path / "log")]
+    dec = {r.request_id: r for r in recs if r.kind == rec.KIND_DECISION}
+    shadow = {r.request_id: r for r in recs if r.kind == rec.KIND_SHADOW}
+    want = {rid for rid, r in dec.items() if sampled(r.request_digest, 0.5)}
+    dropped = int(s["shadow.dropped_busy"]) + int(s["shadow.dropped_queue_full"])
+    assert set(shadow) <= want and len(shadow) + dropped == len(want) and 20 < len(want) < 100
+    assert int(s["shadow.scored"]) == len(shadow) and len(shadow) > 0
+    other = json.loads((other_bundle / "manifest.json").read_text())["bundle_digest"]
+    for rid, r in shadow.items():
+        assert r.response.model.bundle_digest == other and not r.HasField("request")
+        assert r.champion_outcome == dec[rid].response.outcome and r.champion_score == dec[rid].response.score
+        assert r.request_digest == dec[rid].request_digest
+    conf = sum(int(v) for k, v in s.items() if k.startswith("shadow.confusion."))
+    hist = sum(int(v) for k, v in s.items() if k.startswith("shadow.score_abs_diff."))
+    agree = sum(r.champion_outcome == r.response.outcome for r in shadow.values())
+    assert conf == hist == len(shadow) and int(s["shadow.agree"]) == agree
