@@ -174,6 +174,12 @@ class RuntimeConfig:
     score_batch_size: int = 64
     #: Seconds SIGTERM/SIGINT waits for queued and in-flight requests before exiting.
     grace_s: float = 10.0
+    #: Seconds the server keeps serving after SIGTERM/SIGINT has turned its health NOT_SERVING,
+    #: before it refuses new RPCs: the time a load balancer needs to see the change and stop
+    #: routing here (its health-check interval x the failures it needs). 0 = refuse at once (a
+    #: plain process or Kubernetes, whose preStop sleep does this job). Behind HAProxy or a
+    #: health-checking client, set it above the check interval (deploy/cluster.py does).
+    drain_delay_s: float = 0.0
     #: Server processes behind the port (`uwrt serve`): "auto" or N >= 1. "auto" = one per CPU in
     #: the process's affinity set (`os.sched_getaffinity`) with the cpu profile, 1 with the gpu
     #: profile (one CUDA context and one set of CUDA graphs per process would compete for one
@@ -255,8 +261,8 @@ class RuntimeConfig:
         for name in ("max_request_events", "max_request_bytes", "score_batch_size", "tree_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.torch_threads < 0 or not 0 <= self.port <= 65535 or self.grace_s < 0:
-            raise ValueError("torch_threads >= 0, 0 <= port <= 65535 and grace_s >= 0 are required")
+        if self.torch_threads < 0 or not 0 <= self.port <= 65535 or self.grace_s < 0 or self.drain_delay_s < 0:
+            raise ValueError("torch_threads >= 0, 0 <= port <= 65535, grace_s >= 0 and drain_delay_s >= 0 are required")
         for name, allowed in (("profile", PROFILE_CHOICES), ("encoder_backend", ENCODER_BACKEND_CHOICES),
                               ("onnx_optimization", ("none", "ort", "transformer")),
                               ("onnx_attention", ("mha", "matmul")),

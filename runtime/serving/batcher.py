@@ -160,6 +160,7 @@ class Batcher:
         self._stopped = False
         self._closing = False
         self._deferred = 0                           # Deferred batches not yet settled
+        self._flushing = False                       # draining: dispatch without waiting for company
         self._stats = _Stats()
 
     # ---------------------------------------------------------------- public API
@@ -250,6 +251,13 @@ class Batcher:
             wait += self.cost.predict(n, self._queued_tokens) + (full - 1) * self.cost.predict(0, 0)
         return wait
 
+    def flush(self) -> None:
+        """From now on dispatch every queued request as soon as the worker is free (no waiting for
+        company), while still accepting submissions: the server's shutdown calls it before gRPC
+        stops accepting, so the calls gRPC already accepted are decided, not refused."""
+        self._flushing = True
+        self._kick()
+
     async def drain(self, timeout_s: float) -> bool:
         """Stop accepting (new submits raise BatcherClosed), run every queued request without
         waiting for company, wait for the batch in flight. True if all finished within
@@ -297,7 +305,7 @@ class Batcher:
             now = self.clock.now_us()
             settling = self._settle_until is not None and self._settling(now)
             p = plan([e.pending for e in self._queue.values()], now, self.cfg, self.cost,
-                     worker_free=self._inflight is None and not settling, flush=self._closing)
+                     worker_free=self._inflight is None and not settling, flush=self._closing or self._flushing)
             for seq in p.expire:
                 e = self._pop(seq)
                 assert e is not None
@@ -351,7 +359,7 @@ class Batcher:
             self._settle_seen, self._settle_idle = n, 0
         else:
             self._settle_idle += 1
-        if (self._settle_idle >= 2 or now >= self._settle_until or self._closing
+        if (self._settle_idle >= 2 or now >= self._settle_until or self._closing or self._flushing
                 or n >= self.cfg.max_batch_size):
             self._settle_until = None
             return False
@@ -360,7 +368,7 @@ class Batcher:
     def _drive_busy(self, now: int) -> None:
         """Right after a dispatch to the worker: only expiry matters until it frees."""
         p = plan([e.pending for e in self._queue.values()], now, self.cfg, self.cost, worker_free=False,
-                 flush=self._closing) if self._queue else None
+                 flush=self._closing or self._flushing) if self._queue else None
         if p is not None:
             for seq in p.expire:
                 e = self._pop(seq)

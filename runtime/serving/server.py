@@ -527,18 +527,33 @@ class Server:
                  self.rt.pipeline.identity.bundle_digest[:12], self.rt.profile, self.rt.pipeline.encoder.name,
                  self.rt.pipeline.trees.name, " (DEGRADED)" if self.rt.pipeline.degraded else "")
 
-    async def stop(self, grace_s: float | None = None) -> bool:
-        """Graceful: NOT_SERVING, refuse new RPCs, finish accepted ones within the grace period.
-        True when all of them finished in time."""
+    async def stop(self, grace_s: float | None = None, *, drain_delay_s: float | None = None) -> bool:
+        """Graceful, in this order:
+
+        1. health NOT_SERVING (every service), so balancers and health-checking clients stop
+           sending here;
+        2. keep serving for `drain_delay_s` (knob), the time a balancer needs to notice step 1;
+        3. the batcher stops waiting for company (every queued request runs as soon as it can)
+           but keeps accepting: calls gRPC has already accepted are decided, never refused;
+        4. gRPC refuses new RPCs (UNAVAILABLE) and waits up to `grace_s` for the accepted ones;
+        5. the batcher closes (anything still queued or running then is failed).
+
+        True when every accepted request finished within the grace period."""
         grace = self.cfg.grace_s if grace_s is None else grace_s
+        delay = self.cfg.drain_delay_s if drain_delay_s is None else drain_delay_s
         await self.health.enter_graceful_shutdown()
-        log.info("shutting down: draining for up to %.1fs", grace)
+        if delay > 0:
+            log.info("shutting down: NOT_SERVING; still serving for %.1fs (drain_delay_s) while balancers notice",
+                     delay)
+            await asyncio.sleep(delay)
+        log.info("shutting down: refusing new RPCs, draining for up to %.1fs", grace)
         t0 = time.monotonic()
-        # grpc refuses new RPCs with UNAVAILABLE as soon as stop() begins; the handlers already
-        # running keep awaiting the batcher, which finishes every queued request.
-        stop_task = asyncio.create_task(self.grpc.stop(grace))
-        ok = await self.rt.drain(grace)
-        await stop_task
+        batcher = self.rt.batcher
+        cancelled = batcher.stats()["cancelled"]
+        batcher.flush()
+        await self.grpc.stop(grace)      # cancels the handlers still running when grace runs out
+        cut = batcher.stats()["cancelled"] > cancelled and time.monotonic() - t0 >= grace
+        ok = await self.rt.drain(max(0.0, grace - (time.monotonic() - t0))) and not cut
         if self.shadow is not None:
             await asyncio.to_thread(self.shadow.close)
         if self.rt.audit is not None:       # every answer recorded: seal the open segment
