@@ -217,6 +217,44 @@ class RuntimeConfig:
     #: Python's (700, 10, 10). Larger gen0 thresholds mean fewer but longer pauses: at 7000 one
     #: young collection took ~2-7 ms on the loaded dev VM, a p99 hazard (bench/RESULTS.md).
     gc_threshold: tuple[int, ...] = ()
+    #: Directory of the decision log (audit log) and the idempotency index (README: Decision
+    #: records); empty = no log and no idempotency. One writer directory per server process (w0,
+    #: w1, ...) and one index.sqlite shared by the processes of this host.
+    records_dir: str = ""
+    #: When a decision's record counts as written: "fsync" (a batch's records are fdatasync'ed
+    #: before its responses are released; batches queued meanwhile share one fsync) or "interval"
+    #: (responses are released after the write; fdatasync at most every records_interval_ms, so a
+    #: power loss can lose the last interval's records; a process crash loses none).
+    records_durability: str = "fsync"
+    #: With records_durability = "interval": the most milliseconds between two fdatasyncs.
+    records_interval_ms: int = 10
+    #: What a record keeps of the request: "full" (the request itself) or "digest" (its SHA-256
+    #: and as_of only, for deployments that keep payloads elsewhere).
+    records_payload: str = "full"
+    #: A log segment is sealed (trailer with count and SHA-256) and the next one begun past this
+    #: many bytes.
+    records_segment_bytes: int = 64 << 20
+    #: ... or when it is this many seconds old and holds a record.
+    records_segment_s: float = 3600.0
+    #: Idempotency window, seconds: a request id decided within it gets its stored decision back
+    #: (path REPLAY); the same id with another request is ALREADY_EXISTS. 0 = off. Needs
+    #: records_dir (the log is the index's source of truth).
+    idempotency_window_s: float = 86400.0
+    #: Longest a request waits for another request with the same id that is being decided (then
+    #: UNAVAILABLE, safe to retry); its deadline bounds it too.
+    idempotency_wait_s: float = 5.0
+    #: Register the Admin service (Reload) on the server's port. Off by default: anyone who can
+    #: reach the port could otherwise switch the model.
+    admin_enabled: bool = False
+    #: Challenger (shadow) bundle directory: scores a sampled share of decided requests after
+    #: their responses are sent, on its own lowest-priority thread; its decisions go to the
+    #: decision log marked shadow. Empty = none.
+    shadow_bundle: str = ""
+    #: Share of decided requests the challenger scores, 0 to 1 (chosen by request digest, so a
+    #: request is always in or out).
+    shadow_share: float = 0.0
+    #: Most batches waiting for the challenger; a batch beyond it is dropped and counted.
+    shadow_queue: int = 8
     #: Dynamic batching (see runtime/serving/batching.py).
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
@@ -252,6 +290,16 @@ class RuntimeConfig:
             raise ValueError(f"bundle_digest must be 12 to 64 lowercase hex digits, got {self.bundle_digest!r}")
         if self.require_signature and not self.trusted_key_paths():
             raise ValueError("require_signature needs trusted_keys (comma-separated public key files)")
+        if self.records_durability not in ("fsync", "interval") or self.records_payload not in ("full", "digest"):
+            raise ValueError("records_durability must be fsync or interval, records_payload full or digest; got "
+                             f"{self.records_durability!r}, {self.records_payload!r}")
+        if (self.records_interval_ms < 1 or self.records_segment_bytes < 4096 or self.records_segment_s < 0
+                or self.idempotency_window_s < 0 or self.idempotency_wait_s < 0):
+            raise ValueError("records_interval_ms >= 1, records_segment_bytes >= 4096, records_segment_s, "
+                             "idempotency_window_s and idempotency_wait_s >= 0 are required")
+        if not 0.0 <= self.shadow_share <= 1.0 or self.shadow_queue < 1:
+            raise ValueError(f"shadow_share must be in [0, 1] and shadow_queue >= 1, got {self.shadow_share}, "
+                             f"{self.shadow_queue}")
         if self.gc_threshold and (len(self.gc_threshold) != 3 or any(t < 0 for t in self.gc_threshold)):
             raise ValueError(f"gc_threshold must be empty or three non-negative integers, got {self.gc_threshold!r}")
 

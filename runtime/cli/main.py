@@ -191,7 +191,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{cfg.bundle_digest} is required", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(pipe, cfg, profile=cfg.profile, profile_reason=reason, pinned_cpu=plan.cpus[0]))
+        return asyncio.run(serve(pipe, cfg, profile=cfg.profile, profile_reason=reason, pinned_cpu=plan.cpus[0],
+                                 bundle_path=bundle))
     except ports.PortUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
@@ -268,6 +269,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("load-test a running server (open/closed loop, sweeps, p99 search)", "uwrt.bench.loadgen:register"),
     "proto": ("write the API's .proto and a descriptor set for clients in other languages",
               "uwrt.runtime.cli.proto:register"),
+    "audit": ("verify, show and replay the decision log", "uwrt.runtime.cli.audit:register"),
 }
 
 

@@ -124,6 +124,10 @@ def worker_settings(*, index: int, count: int, cpu: int | None,
         return out
     for k in ("supervisor_pid", "restarts", "refused", "address"):
         out[f"workers.{k}"] = st[k]
+    out["workers.bundle"] = st.get("bundle", "")
+    out["workers.digest"] = st.get("digest", "")
+    out["workers.reloads"] = st.get("reloads", 0)
+    out["workers.reload_last"] = st.get("reload_last", "")
     for w in st["workers"]:
         i = w["index"]
         for k in ("pid", "cpu", "state", "restarts", "last_exit"):

@@ -138,7 +138,7 @@ def test_both_workers_answer_pinned_and_reported(farm, pipe, traffic):
     assert s["workers.count"] == 2 and s["workers.mode"] == "supervised"
     assert s["workers.0.state"] == s["workers.1.state"] == "serving" and s["workers.restarts"] == 0
     cpus = {s["workers.0.cpu"], s["workers.1.cpu"]}
-    assert len(cpus) == 2 and cpus <= {str(c) for c in usable_cpus()}
+    assert len(cpus) == 2 and cpus <= set(usable_cpus())
     chans = farm.channels_to(_pids(s))
     reqs = list(traffic[:6])
     offline = _offline(pipe, reqs)
@@ -259,7 +259,7 @@ def test_sigterm_drains_queued_requests_and_exits_0(farm, traffic):
             futs = [pb_grpc.UnderwritingStub(ch).Decide.future(r, timeout=60)
                     for ch in chans.values() for r in same_bucket]
             while not any(f.done() for f in futs):
-                if all(farm.info(ch)["stats.queued"] == "4" for ch in chans.values()):
+                if all(farm.info(ch)["stats.queued"] == 4 for ch in chans.values()):
                     break
             else:                    # the window passed unseen (a very slow machine): again
                 for f in futs:
