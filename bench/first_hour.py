@@ -6,8 +6,10 @@
 Every command runs as a fresh process (`python -m uwrt.runtime.cli` with PYTHONPATH set to the
 checkout, so two checkouts can be compared in one run): wall time from start to exit for `--help`
 and `decide --n 1` (against a server this script starts on a free port, with the small demo
-bundle); for each build preset, the wall time of `uwrt build-demo` and then of `uwrt serve` from
-start to its SERVING line. Prints medians and ranges, the machine's load average before and after,
+bundle); for each build preset, the wall and CPU time of `uwrt build-demo` and then of `uwrt
+serve` from start to its SERVING line. CPU seconds say what a busy machine's wall time cannot:
+a build whose CPU time is under a minute takes under a minute on a quiet machine however its
+threads are spread. Prints medians and ranges, the machine's load average before and after,
 and writes everything as JSON with `--json`.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import pathlib
 import re
+import resource
 import socket
 import statistics
 import subprocess
@@ -35,13 +38,29 @@ def _cli(checkout: pathlib.Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "uwrt.runtime.cli", *args]
 
 
-def timed(cmd: list[str], env: dict[str, str], cwd: pathlib.Path) -> float:
-    t0 = time.perf_counter()
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def timed_cpu(cmd: list[str], env: dict[str, str], cwd: pathlib.Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run of `cmd` to its exit (CPU: the process and its children)."""
+    c0, t0 = _children_cpu_s(), time.perf_counter()
     r = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, _children_cpu_s() - c0
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    return dt
+    return dt, cpu
+
+
+def timed(cmd: list[str], env: dict[str, str], cwd: pathlib.Path) -> float:
+    return timed_cpu(cmd, env, cwd)[0]
+
+
+def _proc_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")     # utime + stime
 
 
 def _free_port() -> int:
@@ -69,6 +88,7 @@ class Server:
                 raise SystemExit("uwrt serve did not reach SERVING within 600 s")
             time.sleep(0.05)
         self.started_s = time.perf_counter() - t0
+        self.started_cpu_s = _proc_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -120,13 +140,17 @@ def main(argv: list[str] | None = None) -> int:
             for preset in [p for p in args.builds.split(",") if p]:
                 d = work / preset
                 print(f"building the {preset} bundle ...", file=sys.stderr, flush=True)
-                build_s = timed(_cli(checkout, "build-demo", "--out", str(d), "--preset", preset), env, checkout)
+                build_s, build_cpu = timed_cpu(_cli(checkout, "build-demo", "--out", str(d), "--preset", preset),
+                                               env, checkout)
                 srv = Server(checkout, d, work / f"serve-{preset}.log")
                 srv.stop()
-                out[f"build_{preset}"] = {"build_s": build_s, "serve_to_serving_s": srv.started_s,
-                                          "total_s": build_s + srv.started_s}
-                print(f"build-demo --preset {preset}: build {build_s:.1f} s + serve to SERVING "
-                      f"{srv.started_s:.1f} s = {build_s + srv.started_s:.1f} s")
+                out[f"build_{preset}"] = {"build_s": build_s, "build_cpu_s": build_cpu,
+                                          "serve_to_serving_s": srv.started_s, "serve_cpu_s": srv.started_cpu_s,
+                                          "total_s": build_s + srv.started_s,
+                                          "total_cpu_s": build_cpu + srv.started_cpu_s}
+                print(f"build-demo --preset {preset}: build {build_s:.1f} s ({build_cpu:.1f} s CPU) + serve to "
+                      f"SERVING {srv.started_s:.1f} s ({srv.started_cpu_s:.1f} s CPU) = "
+                      f"{build_s + srv.started_s:.1f} s wall, {build_cpu + srv.started_cpu_s:.1f} s CPU")
     out["loadavg_after"] = os.getloadavg()
     print(f"load average before {out['loadavg_before']}, after {out['loadavg_after']}")
     if args.json:
