@@ -23,9 +23,11 @@ ALLOWED = {
     "encoders": {"foundation", "bundle", "featurize", "encoders", "kernels"},
     "trees": {"foundation", "bundle", "trees"},
     "pipeline": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels"},
-    "serving": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "serving"},
-    "cli": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "serving",
-            "cli", "demo", "bench"},
+    "records": {"foundation", "bundle", "records"},
+    "serving": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "records",
+                "serving"},
+    "cli": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "records",
+            "serving", "cli", "demo", "bench"},
     "kernels": {"kernels"},
 }
 

@@ -23,11 +23,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uwrt.runtime import __version__
-from uwrt.runtime.bundle.bundle import Bundle, create_from_parts, load_bundle, sign_bundle
 from uwrt.runtime.errors import BundleError
+
+if TYPE_CHECKING:
+    from uwrt.runtime.bundle.bundle import Bundle
 
 __all__ = ["register", "cmd_create", "cmd_inspect", "cmd_verify", "cmd_keygen", "cmd_sign"]
 
@@ -105,6 +107,7 @@ def _fail(e: BundleError) -> int:
 
 def cmd_create(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle create`."""
+    from uwrt.runtime.bundle.bundle import create_from_parts  # imported on use: `uwrt --help` stays light
     try:
         b = create_from_parts(
             args.out, trees=args.trees, encoder_weights=args.encoder_weights,
@@ -124,6 +127,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle inspect`: verifies, then prints text or (--json) one object."""
+    from uwrt.runtime.bundle.bundle import load_bundle  # imported on use: `uwrt --help` stays light
     try:
         b = load_bundle(args.dir, check_trees_with_xgboost=False)
     except BundleError as e:
@@ -136,6 +140,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle verify`: 0 verified, 2 failed, 3 not signed by a given key."""
+    from uwrt.runtime.bundle.bundle import load_bundle  # imported on use: `uwrt --help` stays light
     try:
         b = load_bundle(args.dir, check_trees_with_xgboost=False, trusted_keys=args.pubkey)
     except BundleError as e:
@@ -163,6 +168,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle sign`."""
+    from uwrt.runtime.bundle.bundle import sign_bundle  # imported on use: `uwrt --help` stays light
     try:
         b = sign_bundle(args.dir, args.key)
     except (BundleError, OSError) as e:

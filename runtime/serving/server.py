@@ -40,24 +40,31 @@ import asyncio
 import concurrent.futures
 import functools
 import gc
+import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from uwrt.runtime.config import RuntimeConfig, pow2_buckets
 from uwrt.runtime.errors import InvalidRequest, UwrtError, echo
 from uwrt.runtime.featurize import Limits
-from uwrt.runtime.pb import pb, pb_grpc
+from uwrt.runtime.pb import admin_pb, pb, pb_grpc, rec
 from uwrt.runtime.pipeline import Pipeline, StageTimes
 from uwrt.runtime.serving import limits, security, wire
+from uwrt.runtime.serving.admin import ADMIN_SERVICE_NAME, AdminService
+from uwrt.runtime.serving.audit import Audit, AuditItem, ClaimBusy, WaitForClaim, open_audit
 from uwrt.runtime.serving.batcher import Batcher, MonotonicClock, _Entry
 from uwrt.runtime.serving.ports import PortUnavailable, format_address
 from uwrt.runtime.serving.ratelog import RateLimitedLog
+from uwrt.runtime.serving.reload import LocalReloader
+from uwrt.runtime.serving.shadow import attach_shadow
 from uwrt.runtime.serving.warmup import warmup_batches
 from uwrt.runtime.serving.workers import worker_settings
 
@@ -67,6 +74,16 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Underwriting"]
 SERVICE_NAME = SERVICE.full_name
 #: client errors (undecodable / oversize requests, refused credentials) and internal errors
 RATE_LOG = RateLimitedLog(log)
+
+
+def json_value(v: object) -> str:
+    """A GetModelInfo settings value as JSON text, so any language parses it the same way:
+    `32`, `true`, `[8,32,128]`, `"cpu"` (strings quoted), `null`. numpy scalars become numbers;
+    anything else JSON cannot hold is sent as its string."""
+    def default(o: object) -> object:
+        item = getattr(o, "item", None)            # numpy scalars
+        return item() if callable(item) else str(o)
+    return json.dumps(v, separators=(",", ":"), sort_keys=True, default=default)
 
 
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -105,19 +122,25 @@ class ServingRuntime:
                                tokens_of=self._tokens_of)
         self.batch_sizes: list[int] = []     # recent batch sizes, for tests and GetModelInfo
         #: extra GetModelInfo settings (the worker process and the supervisor's view of all workers)
-        self.info_sources: list[Callable[[], Mapping[str, str]]] = []
+        self.info_sources: list[Callable[[], Mapping[str, Any]]] = []
         self.gc_stats = _GcStats()
         self._gc_before: tuple[int, int, int] | None = None
         self.priority_ignored = 0            # requests with priority > 0 from callers without the role
+        #: decision records and idempotency (runtime/serving/audit.py); None when records_dir is empty
+        self.audit: Audit | None = None
 
-    def _tokens_of(self, req: pb.DecisionRequest) -> int:
+    def _tokens_of(self, req: pb.DecisionRequest | AuditItem) -> int:
+        if isinstance(req, AuditItem):
+            req = req.req
         return max(1, min(len(req.history.type), self.max_history))
 
-    def _run_batch(self, reqs: list[pb.DecisionRequest]) -> list:
+    def _run_batch(self, reqs: list) -> list:
         """Runs on the worker thread (or the loop's, inline)."""
         self.batch_sizes.append(len(reqs))
         if len(self.batch_sizes) > 2000:
             del self.batch_sizes[:-1000]
+        if self.audit is not None:        # records + idempotency: results come once the records are durable
+            return self.audit.run_batch(self.pipeline, reqs, self.profile)  # type: ignore[return-value]
         return self.pipeline.decide(reqs, StageTimes())
 
     async def start(self) -> None:
@@ -134,45 +157,60 @@ class ServingRuntime:
         log.info("gc after warm-up: %s, thresholds %s, %d objects frozen", self.cfg.gc_after_warmup,
                  gc.get_threshold(), gc.get_freeze_count())
 
-    def warm_up(self, passes: int = 2) -> list[tuple[int, int, float]]:
-        """Run every batch shape the batcher can form (blocking; before reporting SERVING).
+    def warm_up(self, passes: int = 2, pipeline: Pipeline | None = None) -> list[tuple[int, int, float]]:
+        """Run every batch shape the batcher can form (blocking; before reporting SERVING), on
+        the serving pipeline or on `pipeline` (a hot reload's new one, runtime/serving/reload.py).
 
         Returns (batch size, tokens, microseconds) of the passes after the first (cold) one, to
         calibrate the batcher's cost model before the first real request. An encoder with its own
         `warmup` (the GPU path: CUDA-graph capture for every bucket) runs it first."""
-        enc_warmup = getattr(self.pipeline.encoder, "warmup", None)
+        pipe = pipeline or self.pipeline
+        max_history = pipe.encoder_config.max_history
+        enc_warmup = getattr(pipe.encoder, "warmup", None)
         if callable(enc_warmup):
             t0 = time.perf_counter()
             enc_warmup()
-            log.info("encoder %s warm-up in %.1fs", self.pipeline.encoder.name, time.perf_counter() - t0)
+            log.info("encoder %s warm-up in %.1fs", pipe.encoder.name, time.perf_counter() - t0)
         timings = []
-        batches = list(warmup_batches(self.pipeline.schema, self.max_history, self.cfg.batching))
+        batches = list(warmup_batches(pipe.schema, max_history, self.cfg.batching))
         for p in range(passes):
             if p == 1:      # after the cold pass: time the tree paths per batch size on this machine
                 t0 = time.perf_counter()
-                self.pipeline.calibrate_trees(batches, batch_sizes=pow2_buckets(self.cfg.batching.max_batch_size))
-                log.info("tree stage %s calibrated in %.1fs: %s", self.pipeline.trees.name, time.perf_counter() - t0,
-                         self.pipeline.tree_stats())
+                pipe.calibrate_trees(batches, batch_sizes=pow2_buckets(self.cfg.batching.max_batch_size))
+                log.info("tree stage %s calibrated in %.1fs: %s", pipe.trees.name, time.perf_counter() - t0,
+                         pipe.tree_stats())
             for batch in batches:
                 t0 = time.perf_counter_ns()
-                res = self.pipeline.decide(batch)
+                res = pipe.decide(batch)
                 us = (time.perf_counter_ns() - t0) / 1000
                 bad = [r for r in res if isinstance(r, InvalidRequest)]
                 if bad:
                     raise RuntimeError(f"warm-up request rejected: {bad[0]}")
                 if p:
-                    timings.append((len(batch), sum(self._tokens_of(r) for r in batch), us))
+                    timings.append((len(batch), sum(max(1, min(len(r.history.type), max_history)) for r in batch),
+                                    us))
         return timings
 
-    def enqueue(self, req: pb.DecisionRequest, time_remaining_s: float | None, *, size: int | None = None,
-                priority_allowed: bool = True) -> _Entry:
+    def swap(self, pipeline: Pipeline, timings: list[tuple[int, int, float]]) -> Pipeline:
+        """Serve `pipeline` from the next batch on (call on the event loop; the batch running now
+        finishes on the old one, which is returned). `timings`: its warm-up, for the cost model."""
+        old = self.pipeline
+        self.pipeline = pipeline
+        self.max_history = pipeline.encoder_config.max_history
+        for n, tokens, us in timings:
+            self.batcher.cost.observe(n, tokens, us)
+        return old
+
+    def enqueue(self, req: pb.DecisionRequest | AuditItem, time_remaining_s: float | None, *,
+                size: int | None = None, priority_allowed: bool = True) -> _Entry:
         """Check the size (`size`: already checked on the raw bytes) and queue the request (raises
         at once when it is refused); the entry's future resolves to the pipeline's result.
         `finish` turns it into the response. `priority_allowed` False: served at priority 0."""
-        if size is None and (size := req.ByteSize()) > self.cfg.max_request_bytes:
+        msg = req.req if isinstance(req, AuditItem) else req
+        if size is None and (size := msg.ByteSize()) > self.cfg.max_request_bytes:
             raise InvalidRequest("request", f"{size} bytes exceeds the limit of {self.cfg.max_request_bytes}")
         deadline_us = None if time_remaining_s is None else self.clock.now_us() + int(time_remaining_s * 1e6)
-        priority = req.priority
+        priority = msg.priority
         if priority and not priority_allowed:
             priority = 0
             self.priority_ignored += 1
@@ -190,7 +228,10 @@ class ServingRuntime:
         return result
 
     async def decide(self, req: pb.DecisionRequest, *, time_remaining_s: float | None, size: int | None = None,
-                     priority_allowed: bool = True) -> pb.DecisionResponse:
+                     priority_allowed: bool = True, rpc: int = rec.RPC_DECIDE) -> pb.DecisionResponse:
+        if self.audit is not None:
+            return await self._decide_recorded(req, time_remaining_s, rpc, size=size,
+                                               priority_allowed=priority_allowed)
         t0 = time.perf_counter_ns()
         entry = self.enqueue(req, time_remaining_s, size=size, priority_allowed=priority_allowed)
         try:
@@ -199,6 +240,43 @@ class ServingRuntime:
             self.batcher.cancel(entry)
             raise
         return self.finish(result, entry.queue_us, t0)
+
+    async def _decide_recorded(self, req: pb.DecisionRequest, time_remaining_s: float | None,
+                               rpc: int, *, size: int | None = None,
+                               priority_allowed: bool = True) -> pb.DecisionResponse:
+        """`decide` with records on: every answer, error or decision, is recorded before it goes
+        out; a request whose id another request is deciding waits for that one (runtime/serving/audit.py)."""
+        audit = self.audit
+        assert audit is not None
+        item = AuditItem(req, time.perf_counter_ns(), time.time_ns(), rpc)
+        end_s = None if time_remaining_s is None else time.monotonic() + time_remaining_s
+        for _ in range(3):
+            left = None if end_s is None else end_s - time.monotonic()
+            try:
+                entry = self.enqueue(item, left, size=size, priority_allowed=priority_allowed)
+            except Exception as e:
+                await audit.record_error(item, e)
+                raise
+            try:
+                result = await entry.future
+            except asyncio.CancelledError:
+                self.batcher.cancel(entry)
+                audit.record_error(item, asyncio.CancelledError())
+                raise
+            except Exception as e:
+                await audit.record_error(item, e)
+                raise
+            if isinstance(result, WaitForClaim):
+                resp = await audit.wait_claim(item, result, None if end_s is None else end_s - time.monotonic())
+                if resp is None:      # the other request's claim was released (it failed): decide this one
+                    continue
+                return resp
+            if isinstance(result, BaseException):
+                raise result          # recorded with its batch
+            return result
+        busy = ClaimBusy(f"request_id {req.request_id!r}: claims kept being released; retry")
+        await audit.record_error(item, busy)
+        raise busy
 
     def model_info(self, *, full: bool = True) -> pb.ModelInfo:
         """Everything (`full`), or only identity, profile, backends, max_history and degraded."""
@@ -215,20 +293,24 @@ class ServingRuntime:
         info.policy.CopyFrom(pb.PolicyInfo(version=p.version, approve_max_pd=p.approve_max_pd,
                                            counteroffer_max_pd=p.counteroffer_max_pd, review_max_pd=p.review_max_pd,
                                            counteroffer_amount_ratio=p.counteroffer_amount_ratio))
-        info.settings.update(self.cfg.flat())
+        settings: dict[str, object] = dict(self.cfg.flat())
         sections: tuple[tuple[str, Mapping[str, object]], ...] = (
             ("stats", self.batcher.stats()), ("encoder", self.pipeline.encoder_stats()),
             ("trees", self.pipeline.tree_stats()))
         for prefix, stats in sections:
             for k, v in stats.items():
-                info.settings[f"{prefix}.{k}"] = str(v)
+                settings[f"{prefix}.{k}"] = v
+        if self.audit is not None:
+            for k, v in self.audit.stats().items():
+                settings[f"records.{k}"] = v
         if self.profile_reason:
-            info.settings["profile.reason"] = self.profile_reason
-        info.settings["security.priority_ignored"] = str(self.priority_ignored)
+            settings["profile.reason"] = self.profile_reason
+        settings["security.priority_ignored"] = self.priority_ignored
         for kind, n in RATE_LOG.counts().items():
-            info.settings[f"security.logged.{kind}"] = str(n)
+            settings[f"security.logged.{kind}"] = n
         for source in self.info_sources:
-            info.settings.update(source())
+            settings.update(source())
+        info.settings.update({k: json_value(v) for k, v in settings.items()})   # every value is JSON text
         return info
 
     async def drain(self, grace_s: float) -> bool:
@@ -273,6 +355,17 @@ class _GcStats:
         return " ".join(f"gen{g}={self.count[g]} ({self.ns[g] / 1e6:.1f} ms)" for g in range(3))
 
 
+def _error_response(request_id: str, e: Exception) -> pb.DecisionResponse:
+    """DecideStream's in-band error for a request (`request_id` "" when it did not parse; an
+    over-long one is cut, runtime/errors.py echo)."""
+    code, msg = _status_of(e)
+    resp = pb.DecisionResponse(request_id=request_id if len(request_id) <= 128 else echo(request_id))
+    resp.error.code, resp.error.message = code.name, msg
+    if isinstance(e, InvalidRequest):
+        resp.error.field = e.field
+    return resp
+
+
 class UnderwritingService(pb_grpc.UnderwritingServicer):
     """The Underwriting methods. Decide and DecideStream receive raw bytes (registered by
     runtime/serving/wire.py) and parse them here, size check first; GetModelInfo its message."""
@@ -281,11 +374,25 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         self.rt = rt
         self.max_bytes = rt.cfg.max_request_bytes
 
+    async def _record_refused(self, data: bytes, e: InvalidRequest, rpc: int) -> None:
+        """With records on, a request refused before it was parsed is recorded like every other
+        answer: an oversize one (within the transport cap) parsed for its id and purchase, an
+        undecodable one as an empty request."""
+        audit = self.rt.audit
+        if audit is None:
+            return
+        try:
+            req = pb.DecisionRequest.FromString(data)
+        except DecodeError:
+            req = pb.DecisionRequest()
+        await audit.record_error(AuditItem(req, time.perf_counter_ns(), time.time_ns(), rpc), e)
+
     async def Decide(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.DecisionResponse:
         try:
             req = wire.parse(request, pb.DecisionRequest, self.max_bytes)
         except InvalidRequest as e:
             _refused("Decide", context, e)
+            await self._record_refused(request, e, rec.RPC_DECIDE)
             await context.abort(e.code, str(e))
         try:
             return await self.rt.decide(req, time_remaining_s=context.time_remaining(), size=len(request),
@@ -309,20 +416,17 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         read (so HTTP/2 flow control pushes back on a client that writes and never reads). When
         the stream ends early (client gone), the requests still queued are removed (never run)."""
         rt = self.rt
+        if rt.audit is not None:
+            async for resp in self._stream_recorded(request_iterator, context):
+                yield resp
+            return
         out: asyncio.Queue = asyncio.Queue()
         live: dict[int, _Entry] = {}
         reading = True
         max_pending = rt.cfg.transport.stream_max_pending
         space: asyncio.Event | None = None       # set by the writer when the waiting reader may go on
         priority_allowed = security.may_set_priority()
-
-        def error_response(request_id: str, e: Exception) -> pb.DecisionResponse:
-            code, msg = _status_of(e)
-            resp = pb.DecisionResponse(request_id=request_id if len(request_id) <= 128 else echo(request_id))
-            resp.error.code, resp.error.message = code.name, msg
-            if isinstance(e, InvalidRequest):
-                resp.error.field = e.field
-            return resp
+        error_response = _error_response
 
         def done(req: pb.DecisionRequest, entry: _Entry, t0: int, fut: asyncio.Future) -> None:
             live.pop(id(entry), None)
@@ -379,6 +483,75 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
             for entry in list(live.values()):
                 rt.batcher.cancel(entry)
 
+    async def _stream_recorded(self, request_iterator: AsyncIterator[bytes],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecisionResponse]:
+        """DecideStream with records on: a task per message runs `decide` (records, idempotency,
+        waiting for a claim), its response or in-band error goes to the stream when recorded.
+        Undecodable messages and flow control (`stream_max_pending`) as without records."""
+        rt = self.rt
+        out: asyncio.Queue = asyncio.Queue()
+        live: set[asyncio.Task] = set()
+        reading = True
+        max_pending = rt.cfg.transport.stream_max_pending
+        space: asyncio.Event | None = None       # set by the writer when the waiting reader may go on
+        priority_allowed = security.may_set_priority()
+
+        async def one(req: pb.DecisionRequest, size: int) -> None:
+            try:
+                resp = await rt.decide(req, time_remaining_s=context.time_remaining(), size=size,
+                                       priority_allowed=priority_allowed, rpc=rec.RPC_DECIDE_STREAM)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - in-band, never a broken stream
+                resp = _error_response(req.request_id, e)
+            out.put_nowait(resp)
+
+        async def refused(data: bytes, e: InvalidRequest) -> None:
+            await self._record_refused(data, e, rec.RPC_DECIDE_STREAM)
+            out.put_nowait(_error_response("", e))
+
+        def done(task: asyncio.Task) -> None:
+            live.discard(task)
+            if not reading and not live:
+                out.put_nowait(None)
+
+        async def reader() -> None:
+            nonlocal reading, space
+            try:
+                async for data in request_iterator:
+                    try:
+                        req = wire.parse(data, pb.DecisionRequest, self.max_bytes)
+                    except InvalidRequest as e:
+                        _refused("DecideStream", context, e)
+                        task = asyncio.ensure_future(refused(data, e))
+                    else:
+                        task = asyncio.ensure_future(one(req, len(data)))
+                    live.add(task)
+                    task.add_done_callback(done)
+                    if len(live) + out.qsize() >= max_pending:
+                        space = asyncio.Event()
+                        await space.wait()
+            finally:
+                reading = False
+                if not live:
+                    out.put_nowait(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    break
+                if space is not None and len(live) + out.qsize() < max_pending:
+                    space.set()
+                    space = None
+                yield item
+            await read_task
+        finally:
+            read_task.cancel()
+            for task in list(live):
+                task.cancel()
+
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.rt.model_info(full=security.may_introspect(self.rt.cfg.security))
 
@@ -387,12 +560,17 @@ class Server:
     """A running decision server. `await start()`, then `await stop()` (or run `serve()`)."""
 
     def __init__(self, pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu",
-                 profile_reason: str = "", reuse_port: bool = False, bind: bool = True) -> None:
+                 profile_reason: str = "", reuse_port: bool = False, bind: bool = True, writer_index: int = 0,
+                 recover_all: bool = True, bundle_path: str = "") -> None:
         """`reuse_port`: SO_REUSEPORT on the listener (only for the workers of one supervisor,
         which holds the port; off otherwise, so an occupied port fails). `bind`: bind cfg.host:cfg.port
-        now (raises PortUnavailable); False = bind in start(), after the warm-up."""
+        now (raises PortUnavailable); False = bind in start(), after the warm-up. With records_dir:
+        this process writes decision records as writer `writer_index`, after recovering what a
+        previous process left (every writer's directory when `recover_all`: a single server)."""
         self.cfg = cfg
         self.rt = ServingRuntime(pipeline, cfg, profile=profile, profile_reason=profile_reason)
+        self.rt.audit = open_audit(cfg, writer_index, recover_all=recover_all)
+        self.shadow = attach_shadow(self.rt, cfg, build_pipeline)     # the challenger (runtime/serving/shadow.py)
         self.health = health.aio.HealthServicer()
         self.credentials = security.server_credentials(cfg.security)     # raises SecurityError
         self.interceptors = security.interceptors(cfg.security, on_denied=_denied)
@@ -400,10 +578,18 @@ class Server:
         wire.add_service(self.grpc, UnderwritingService(self.rt), SERVICE, raw=("Decide", "DecideStream"),
                          on_undecodable=_refused)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        # hot reload (runtime/serving/reload.py): SIGHUP / Admin.Reload; a worker replaces
+        # reload_fn with a request to its supervisor, which reloads every worker together
+        self.reloader = LocalReloader(self.rt, bundle_path or cfg.bundle, build_pipeline)
+        self.reload_fn: Callable[[str, str], Awaitable[Any]] = self.reloader.reload
+        self.rt.info_sources.append(lambda: {f"reload.{k}": v for k, v in self.reloader.stats().items()})
+        services = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        if cfg.admin_enabled:      # raw-bytes handlers too (undecodable: INVALID_ARGUMENT); role "admin" with auth on
+            wire.add_service(self.grpc, AdminService(lambda b, d: self.reload_fn(b, d)),
+                             admin_pb.DESCRIPTOR.services_by_name["Admin"], on_undecodable=_refused)
+            services.append(ADMIN_SERVICE_NAME)
         if cfg.security.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-                self.grpc)
+            reflection.enable_server_reflection(tuple(services), self.grpc)
         self.port: int = 0           # the bound port; 0 until bound
         self._warm = False
         self._stopped = asyncio.Event()
@@ -458,18 +644,37 @@ class Server:
                  self.rt.pipeline.identity.bundle_digest[:12], self.rt.profile, self.rt.pipeline.encoder.name,
                  self.rt.pipeline.trees.name, " (DEGRADED)" if self.rt.pipeline.degraded else "")
 
-    async def stop(self, grace_s: float | None = None) -> bool:
-        """Graceful: NOT_SERVING, refuse new RPCs, finish accepted ones within the grace period.
-        True when all of them finished in time."""
+    async def stop(self, grace_s: float | None = None, *, drain_delay_s: float | None = None) -> bool:
+        """Graceful, in this order:
+
+        1. health NOT_SERVING (every service), so balancers and health-checking clients stop
+           sending here;
+        2. keep serving for `drain_delay_s` (knob), the time a balancer needs to notice step 1;
+        3. the batcher stops waiting for company (every queued request runs as soon as it can)
+           but keeps accepting: calls gRPC has already accepted are decided, never refused;
+        4. gRPC refuses new RPCs (UNAVAILABLE) and waits up to `grace_s` for the accepted ones;
+        5. the batcher closes (anything still queued or running then is failed).
+
+        True when every accepted request finished within the grace period."""
         grace = self.cfg.grace_s if grace_s is None else grace_s
+        delay = self.cfg.drain_delay_s if drain_delay_s is None else drain_delay_s
         await self.health.enter_graceful_shutdown()
-        log.info("shutting down: draining for up to %.1fs", grace)
+        if delay > 0:
+            log.info("shutting down: NOT_SERVING; still serving for %.1fs (drain_delay_s) while balancers notice",
+                     delay)
+            await asyncio.sleep(delay)
+        log.info("shutting down: refusing new RPCs, draining for up to %.1fs", grace)
         t0 = time.monotonic()
-        # grpc refuses new RPCs with UNAVAILABLE as soon as stop() begins; the handlers already
-        # running keep awaiting the batcher, which finishes every queued request.
-        stop_task = asyncio.create_task(self.grpc.stop(grace))
-        ok = await self.rt.drain(grace)
-        await stop_task
+        batcher = self.rt.batcher
+        cancelled = batcher.stats()["cancelled"]
+        batcher.flush()
+        await self.grpc.stop(grace)      # cancels the handlers still running when grace runs out
+        cut = batcher.stats()["cancelled"] > cancelled and time.monotonic() - t0 >= grace
+        ok = await self.rt.drain(max(0.0, grace - (time.monotonic() - t0))) and not cut
+        if self.shadow is not None:
+            await asyncio.to_thread(self.shadow.close)
+        if self.rt.audit is not None:       # every answer recorded: seal the open segment
+            await asyncio.to_thread(self.rt.audit.close)
         RATE_LOG.flush()
         log.log(logging.INFO if ok else logging.ERROR, "stopped after %.2fs%s", time.monotonic() - t0,
                 "" if ok else ": requests still queued or running after the grace period were failed")
@@ -481,16 +686,24 @@ class Server:
 
 
 async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu", profile_reason: str = "",
-                pinned_cpu: int | None = None) -> int:
+                pinned_cpu: int | None = None, bundle_path: str = "") -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (0 after a clean drain, 6 when requests were
     still queued or running when grace_s ran out). One process on an
     exclusive port (raises PortUnavailable when it is taken); `pinned_cpu` is reported in GetModelInfo."""
-    server = Server(pipeline, cfg, profile=profile, profile_reason=profile_reason)
+    server = Server(pipeline, cfg, profile=profile, profile_reason=profile_reason, bundle_path=bundle_path)
     server.rt.info_sources.append(lambda: worker_settings(index=0, count=1, cpu=pinned_cpu))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Future] = set()
+
+    def on_hup() -> None:         # hot reload of the configured bundle path (runtime/serving/reload.py)
+        log.info("SIGHUP: reloading %s", server.reloader.default_bundle)
+        f = asyncio.ensure_future(server.reloader.reload())
+        reloads.add(f)
+        f.add_done_callback(reloads.discard)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await server.start()
     print(f"uwrt serving on {cfg.host}:{server.port}", flush=True)
     await stop.wait()

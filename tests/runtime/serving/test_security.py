@@ -317,3 +317,27 @@ def test_token_tool_prints_an_entry_the_server_accepts(tmp_path, capsys):
     c = load_callers(str(f)).by_token_sha256[token_sha256(token)]
     assert c.name == "checkout" and c.roles == frozenset({"decide", "priority"})
     assert token not in out.out                         # the file gets the hash only
+
+
+def test_admin_service_needs_the_admin_role_and_refuses_undecodable_requests(pipe, pki):
+    """The Admin service (admin_enabled): role "admin" with auth on; its request parsed by
+    runtime/serving/wire.py, so undecodable bytes are INVALID_ARGUMENT before Reload runs."""
+    async def main():
+        cfg = dataclasses.replace(cfg_with(auth="token", auth_file=str(pki["callers"])), admin_enabled=True)
+        async with Srv(pipe, cfg) as s:
+            reload_ = s.channel().unary_unary("/uwrt.v1.Admin/Reload", request_serializer=lambda b: b,
+                                              response_deserializer=lambda b: b)
+            out = {who: await code_of(reload_(b"", timeout=5, metadata=md(who) if who else ()))
+                   for who in ("", "checkout")}
+            try:
+                await reload_(b"\x0a\xff\xff", timeout=5, metadata=md("ops"))
+            except grpc.aio.AioRpcError as e:
+                out["ops_garbage"] = (e.code(), e.details())
+            out["reloads"] = s.server.reloader.stats()
+            return out
+
+    o = run(main())
+    assert o[""] == grpc.StatusCode.UNAUTHENTICATED and o["checkout"] == grpc.StatusCode.PERMISSION_DENIED
+    code, details = o["ops_garbage"]
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request: not a valid uwrt.v1.")
+    assert o["reloads"]["reloads"] == 0 and o["reloads"]["refused"] == 0          # Reload never ran
