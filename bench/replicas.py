@@ -42,7 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from deploy.cluster import Balancer, HAProxySettings, Replica, free_port  # noqa: E402
+from deploy.cluster import Balancer, HAProxySettings, Replica, free_port, serve_flags  # noqa: E402
 from uwrt.bench import loadgen  # noqa: E402
 from uwrt.bench.loadgen import StepSpec  # noqa: E402
 from uwrt.bench.traffic import RequestSource  # noqa: E402
@@ -61,6 +61,8 @@ def _rotated(items: tuple[str, ...], k: int) -> list[str]:
 
 class Topology:
     def __init__(self, bundle: str, workdir: pathlib.Path, serve_args: tuple[str, ...]) -> None:
+        if "--model-info-exposure" in serve_flags():     # batch_counts reads the full GetModelInfo
+            serve_args = ("--model-info-exposure", "full", *serve_args)
         self.replicas = [Replica(f"r{i}", bundle, free_port(), serve_args=serve_args, log_path=workdir / f"r{i}.log")
                          for i in (1, 2, 3)]
         settings = HAProxySettings(log_level="notice")
