@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 from deploy.cluster import Balancer, HAProxySettings, Replica, free_port, serve_flags  # noqa: E402
 from uwrt.bench import loadgen  # noqa: E402
 from uwrt.bench.loadgen import StepSpec  # noqa: E402
-from uwrt.bench.traffic import RequestSource  # noqa: E402
+from uwrt.bench.loadgen.traffic import RequestSource  # noqa: E402
 
 CONFIGS = ("direct", "lb-1", "lb-2", "lb-3")
 
