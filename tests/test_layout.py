@@ -23,9 +23,11 @@ ALLOWED = {
     "encoders": {"foundation", "bundle", "featurize", "encoders", "kernels"},
     "trees": {"foundation", "bundle", "trees"},
     "pipeline": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels"},
-    "serving": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "serving"},
+    "monitoring": {"foundation", "bundle", "policy", "monitoring"},
+    "serving": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "serving",
+                "monitoring"},
     "cli": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "serving",
-            "cli", "demo", "bench"},
+            "cli", "demo", "bench", "monitoring"},
     "kernels": {"kernels"},
 }
 

@@ -136,6 +136,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ports.PortUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
+    if cfg.metrics_port:     # the metrics endpoint's port, as early (runtime/serving/metrics.py)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)     # uwrt manages its own (several workers)
+        from uwrt.runtime.serving.metrics import check_port
+        try:
+            check_port(cfg.metrics_host or cfg.host, cfg.metrics_port)
+        except ports.PortUnavailable as e:
+            if held is not None:
+                held.close()
+            print(f"error: {e}", file=sys.stderr)
+            return 4
     bundle = cfg.bundle or DEFAULT_BUNDLE
     if not cfg.bundle and not os.path.exists(os.path.join(bundle, "manifest.json")):
         from uwrt.demo.train import DemoConfig, build_demo

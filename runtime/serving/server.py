@@ -46,6 +46,8 @@ from uwrt.runtime.featurize import Limits
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.pipeline import Pipeline, StageTimes
 from uwrt.runtime.serving.batcher import Batcher, MonotonicClock, _Entry
+from uwrt.runtime.serving.explain import ExplainService
+from uwrt.runtime.serving.observe import Observer
 from uwrt.runtime.serving.ports import PortUnavailable, format_address
 from uwrt.runtime.serving.warmup import warmup_batches
 from uwrt.runtime.serving.workers import worker_settings
@@ -86,6 +88,11 @@ class ServingRuntime:
         self.info_sources: list[Callable[[], Mapping[str, str]]] = []
         self.gc_stats = _GcStats()
         self._gc_before: tuple[int, int, int] | None = None
+        # observability (runtime/serving/observe.py: metrics, drift, tracing) and Explain
+        self.obs = Observer(pipeline, cfg, self.batcher, tracing=_tracing(cfg))
+        self.explain = ExplainService(pipeline, self.obs.cache, timeout_s=cfg.explain_timeout_s,
+                                      max_queue=cfg.explain_max_queue, model_executor=self.executor)
+        self.info_sources += [self.obs.info, self.explain.info]
 
     def _tokens_of(self, req: pb.DecisionRequest) -> int:
         return max(1, min(len(req.history.type), self.max_history))
@@ -108,6 +115,7 @@ class ServingRuntime:
         if self.cfg.gc_threshold:
             gc.set_threshold(*self.cfg.gc_threshold)
         self.gc_stats.install()
+        self.obs.install()          # after warm-up: warm-up batches are not observed
         log.info("gc after warm-up: %s, thresholds %s, %d objects frozen", self.cfg.gc_after_warmup,
                  gc.get_threshold(), gc.get_freeze_count())
 
@@ -200,6 +208,8 @@ class ServingRuntime:
         """True when every queued and running request finished within grace_s."""
         ok = await self.batcher.drain(grace_s)
         self.executor.shutdown(wait=True)
+        self.explain.shutdown()
+        self.obs.close()
         self.gc_stats.uninstall()
         s = self.batcher.stats()
         log.info("gc while serving: %s (%d requests)", self.gc_stats.summary(), s["requests"])
@@ -243,14 +253,35 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         self.rt = rt
 
     async def Decide(self, request: pb.DecisionRequest, context: grpc.aio.ServicerContext) -> pb.DecisionResponse:
+        t0 = time.perf_counter_ns()
         try:
-            return await self.rt.decide(request, time_remaining_s=context.time_remaining())
+            resp = await self.rt.decide(request, time_remaining_s=context.time_remaining())
         except asyncio.CancelledError:
+            self.rt.obs.rpc_done("Decide", "CANCELLED", t0)
             raise
         except Exception as e:  # noqa: BLE001 - every error becomes a status, never a crash
             code, msg = _status_of(e)
+            self.rt.obs.rpc_done("Decide", code.name, t0)
             await context.abort(code, msg)
             raise AssertionError("unreachable: ServicerContext.abort raises") from e
+        self.rt.obs.rpc_done("Decide", "OK", t0, resp)
+        return resp
+
+    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+        """The full TreeSHAP attribution, off the decision path (runtime/serving/explain.py)."""
+        t0 = time.perf_counter_ns()
+        try:
+            resp = await self.rt.explain.explain(request, context.time_remaining())
+        except asyncio.CancelledError:
+            self.rt.obs.rpc_done("Explain", "CANCELLED", t0)
+            raise
+        except Exception as e:  # noqa: BLE001 - every error becomes a status, never a crash
+            code, msg = _status_of(e)
+            self.rt.obs.rpc_done("Explain", code.name, t0)
+            await context.abort(code, msg)
+            raise AssertionError("unreachable: ServicerContext.abort raises") from e
+        self.rt.obs.rpc_done("Explain", "OK", t0)
+        return resp
 
     async def DecideStream(self, request_iterator: AsyncIterator[pb.DecisionRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecisionResponse]:
@@ -279,8 +310,10 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                 exc = fut.exception()
                 try:
                     resp = rt.finish(exc if exc is not None else fut.result(), entry.queue_us, t0)
+                    rt.obs.rpc_done("DecideStream", "OK", t0, resp)
                 except Exception as e:  # noqa: BLE001 - in-band, never a broken stream
                     resp = error_response(req, e)
+                    rt.obs.rpc_done("DecideStream", resp.error.code, t0)
                 out.put_nowait(resp)
             if not reading and not live:
                 out.put_nowait(None)
@@ -293,7 +326,9 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                     try:
                         entry = rt.enqueue(req, context.time_remaining())
                     except Exception as e:  # noqa: BLE001
-                        out.put_nowait(error_response(req, e))
+                        resp = error_response(req, e)
+                        rt.obs.rpc_done("DecideStream", resp.error.code, t0)
+                        out.put_nowait(resp)
                         continue
                     live[id(entry)] = entry
                     entry.future.add_done_callback(functools.partial(done, req, entry, t0))
@@ -316,7 +351,10 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                 rt.batcher.cancel(entry)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return self.rt.model_info()
+        t0 = time.perf_counter_ns()
+        info = self.rt.model_info()
+        self.rt.obs.rpc_done("GetModelInfo", "OK", t0)
+        return info
 
 
 class Server:
@@ -424,10 +462,27 @@ async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu",
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    print(f"uwrt serving on {cfg.host}:{server.port}", flush=True)
-    await stop.wait()
-    return 0 if await server.stop() else 6
+    http = None
+    if cfg.metrics_port:      # /metrics from its own thread (runtime/serving/metrics.py)
+        from uwrt.runtime.serving.metrics import single_process_endpoint
+        http = single_process_endpoint(cfg.metrics_host or cfg.host, cfg.metrics_port)
+    try:
+        await server.start()
+        print(f"uwrt serving on {cfg.host}:{server.port}", flush=True)
+        await stop.wait()
+        return 0 if await server.stop() else 6
+    finally:
+        if http is not None:
+            http.shutdown()
+
+
+def _tracing(cfg: RuntimeConfig):
+    """The process's Tracing when trace_sample_ratio > 0 (raises TracingUnavailable when its exporter
+    cannot be built); None otherwise: no OpenTelemetry import, no per-request work."""
+    if cfg.trace_sample_ratio <= 0:
+        return None
+    from uwrt.runtime.serving.tracing import Tracing, build_exporter
+    return Tracing(cfg.trace_sample_ratio, build_exporter(cfg.trace_exporter))
 
 
 def build_pipeline(cfg: RuntimeConfig, bundle_dir: str) -> Pipeline:

@@ -1,0 +1,260 @@
+"""What a server process observes, in one place: the hooks the request path calls and the 1 Hz
+sync that turns the runtime's own counters into metrics.
+
+    handlers (event loop), at each RPC's end: rpc_done(method, code, t0, response)
+        -> request duration + count (per method, status), queue wait; tracing.finish if sampled
+    Pipeline.decide (model thread), per decided batch: on_batch(batch, rows, responses, times)
+        -> stage times, batch size and tokens, outcomes; drift window; recent decisions (Explain);
+           tracing.on_batch
+    sync thread (uwrt-metrics-sync, 1 Hz): batcher counters (shed, deadline-expired, cancelled),
+        queue depth, in-flight, encoder fallbacks and degraded, tree routing and fallbacks,
+        reasons fallbacks, explain cache size, drift window counts and PSI (every DRIFT_EVERY_S),
+        then flushes the accumulators into prometheus_client (runtime/serving/metrics.py)
+
+Metrics off (`metrics_port = 0`): nothing above is observed and no drift window is kept; the
+recent-decisions cache (Explain by id) and tracing are separate knobs. The hook is installed
+after warm-up, so warm-up batches are never counted.
+
+Thread safety: rpc_done on the loop; on_batch on the model thread; sync on its own thread (it only
+reads the batcher's and stages' counters and the drift window's snapshot).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from uwrt.runtime.config import RuntimeConfig
+from uwrt.runtime.errors import BundleError
+from uwrt.runtime.featurize import FeatureBatch
+from uwrt.runtime.monitoring.drift import (
+    OUTCOMES,
+    DriftWindow,
+    MonitoringStats,
+    drift_report,
+    load_stats,
+    outcome_index,
+)
+from uwrt.runtime.pb import pb
+from uwrt.runtime.pipeline import Pipeline, StageTimes
+from uwrt.runtime.serving.explain import RecentDecisions
+
+__all__ = ["Observer"]
+
+log = logging.getLogger("uwrt.observe")
+
+DRIFT_EVERY_S = 5.0
+_OUTCOME_NAME = {v: k for k, v in pb.Outcome.items()}
+
+
+class Observer:
+    """The observing side of one ServingRuntime. `batcher`: for its counters and queue."""
+
+    def __init__(self, pipe: Pipeline, cfg: RuntimeConfig, batcher: Any, *, worker: int = 0,
+                 tracing: Any = None) -> None:
+        self.pipe, self.cfg, self.batcher = pipe, cfg, batcher
+        self.metrics_on = cfg.metrics_port != 0
+        self.m = None
+        if self.metrics_on:
+            from uwrt.runtime.serving.metrics import server_metrics
+            self.m = server_metrics()
+        self.cache = RecentDecisions(cfg.explain_cache_size) if cfg.explain_cache_size else None
+        self.tracing = tracing
+        self.n_tabular = sum(f.source != "embedding" for f in pipe.schema.features)
+        self.drift_status = "off: metrics are off (metrics_port = 0)"
+        self.stats: MonitoringStats | None = None
+        self.window: DriftWindow | None = None
+        if self.metrics_on:
+            try:
+                self.stats = load_stats(pipe.bundle)
+            except BundleError as e:
+                log.error("drift monitoring off: %s", e)
+                self.drift_status = f"off: {e}"
+            else:
+                if self.stats is None:
+                    self.drift_status = ("off: the bundle has no monitoring.json (rebuild it with build-demo, or "
+                                         "`uwrt bundle create --monitoring-sample`)")
+                    log.warning("drift monitoring %s", self.drift_status)
+                else:
+                    self.window = DriftWindow(self.stats, capacity=cfg.drift_window_n, window_s=cfg.drift_window_s)
+                    self.drift_status = (f"on: {len(self.stats.variables)} variables, window {cfg.drift_window_s:g}s / "
+                                         f"{cfg.drift_window_n} decisions, development sample n={self.stats.n}")
+        self._report: dict[str, Any] | None = None
+        self._deltas: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_drift = 0.0
+        if self.m is not None:
+            self._init_metrics()
+
+    # ------------------------------------------------------------------ hooks
+
+    @property
+    def active(self) -> bool:
+        return self.m is not None or self.cache is not None or self.tracing is not None
+
+    def install(self) -> None:
+        """After warm-up: hook the pipeline and start the sync thread."""
+        if self.active:
+            self.pipe.on_batch = self.on_batch
+        if self.m is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._sync_loop, name="uwrt-metrics-sync", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self.pipe.on_batch = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.m is not None:
+            self.sync()
+        if self.tracing is not None:
+            self.tracing.shutdown()
+
+    def rpc_done(self, method: str, code: str, t0_ns: int, resp: pb.DecisionResponse | None = None) -> None:
+        """At an RPC's end (per message on DecideStream): `code` the gRPC status name."""
+        end = time.perf_counter_ns()
+        m = self.m
+        if m is not None:
+            m.rpc(method, code).observe((end - t0_ns) * 1e-9)
+            if resp is not None:
+                m.queue.observe(resp.timing.queue_us * 1e-6)
+        if self.tracing is not None and resp is not None:
+            self.tracing.finish(method, resp, t0_ns, end)
+
+    def on_batch(self, batch: FeatureBatch, rows: np.ndarray, responses: list[pb.DecisionResponse],
+                 times: StageTimes) -> None:
+        """Model thread, once per decided batch (the model rows exactly as the trees saw them)."""
+        m = self.m
+        if m is not None:
+            st = m.stage
+            st["featurize"].observe(times.featurize_us * 1e-6)
+            st["encode"].observe(times.encode_us * 1e-6)
+            st["trees"].observe(times.trees_us * 1e-6)
+            st["policy"].observe(times.policy_us * 1e-6)
+            if times.reasons_us:
+                st["reasons"].observe(times.reasons_us * 1e-6)
+            st["batch"].observe((times.featurize_us + times.encode_us + times.trees_us + times.policy_us) * 1e-6)
+            m.batch_size.observe(len(responses))
+            m.batch_tokens.observe(batch.events.n_tokens)
+            outcomes = [r.outcome for r in responses]
+            for o in set(outcomes):
+                m.outcome_counter(_OUTCOME_NAME.get(o, "OUTCOME_UNSPECIFIED")).inc(outcomes.count(o))
+            if self.window is not None and self.stats is not None:
+                scores = np.fromiter((r.score for r in responses), np.float64, len(responses))
+                self.window.add(self.stats.bin_rows(rows, self.n_tabular, scores), outcome_index(outcomes),
+                                time.monotonic())
+        if self.cache is not None:
+            self.cache.put_batch(batch.request_ids, rows, responses)
+        if self.tracing is not None:
+            self.tracing.on_batch(responses, times)
+
+    # ------------------------------------------------------------------ sync
+
+    def _init_metrics(self) -> None:
+        m = self.m
+        assert m is not None
+        ident = self.pipe.identity
+        m.bundle_info.labels(ident.bundle_id, ident.bundle_digest, ident.encoder_version, ident.tree_version,
+                             ident.feature_schema_version, ident.policy_version).set(1)
+        failures = self.pipe.tree_report.get("failures", {}) or {}
+        m.parity_failures.set(sum(1 for v in failures.values() if "parity" in str(v).lower()
+                                  or "disagree" in str(v).lower()))
+        m.drift_enabled.set(1 if self.window is not None else 0)
+        d = self._deltas
+        d["shed"], d["expired"], d["cancelled"] = m.delta(m.shed), m.delta(m.deadline_expired), m.delta(m.cancelled)
+        d["enc_fail"], d["enc_fb"] = m.delta(m.encoder_failures), m.delta(m.encoder_fallbacks)
+        d["tree_fb"], d["reasons_fb"] = m.delta(m.tree_fallbacks), m.delta(m.reasons_fallbacks)
+        d["paths"] = {}
+        if m.drift_expected_share is not None and self.stats is not None:
+            for name in OUTCOMES:
+                m.drift_expected_share.labels(name).set(self.stats.outcomes.get(name, 0.0))
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - metrics must never take the server down
+                log.exception("metrics sync failed")
+
+    def sync(self) -> None:
+        """Counters and gauges from the runtime's state, drift (every DRIFT_EVERY_S), then flush."""
+        m = self.m
+        if m is None:
+            return
+        d = self._deltas
+        s = self.batcher.stats()
+        d["shed"].to(s["rejected"])
+        d["expired"].to(s["expired"])
+        d["cancelled"].to(s["cancelled"])
+        queued = int(s["queued"])
+        running = len(self.batcher._inflight) if self.batcher._inflight is not None else 0
+        m.queue_depth.set(queued)
+        m.inflight.set(queued + running)
+        enc = self.pipe.encoder_stats()
+        d["enc_fail"].to(float(enc.get("primary_failures", 0) or 0))         # type: ignore[arg-type]
+        d["enc_fb"].to(float(enc.get("fallback_batches", 0) or 0))           # type: ignore[arg-type]
+        m.degraded.set(1 if self.pipe.degraded else 0)
+        trees_stats = getattr(self.pipe.trees, "stats", None)
+        if callable(trees_stats):
+            ts = trees_stats()
+            for path, n in ts.get("calls", {}).items():
+                if path not in d["paths"]:
+                    d["paths"][path] = m.delta(m.tree_path.labels(path))
+                d["paths"][path].to(n)
+            d["tree_fb"].to(ts.get("fallbacks", 0))
+        else:       # one forced path: every batch took it
+            name = self.pipe.trees.name
+            if name not in d["paths"]:
+                d["paths"][name] = m.delta(m.tree_path.labels(name))
+            d["paths"][name].to(s["batches"])
+        d["reasons_fb"].to(getattr(self.pipe.explainer, "fallbacks", 0))
+        m.explain_cache.set(len(self.cache) if self.cache is not None else 0)
+        now = time.monotonic()
+        if self.window is not None and now - self._last_drift >= DRIFT_EVERY_S:
+            self._last_drift = now
+            self._sync_drift(now)
+        m.flush()
+
+    def _sync_drift(self, now: float) -> None:
+        m, stats, window = self.m, self.stats, self.window
+        assert m is not None and stats is not None and window is not None
+        counts, oc, n = window.snapshot(now)
+        m.drift_n.set(n)
+        for i, v in enumerate(stats.variables):
+            for b in range(v.bins):
+                m.drift_bins.labels(v.name, str(b)).set(int(counts[i, b]))
+        for name, c in zip(OUTCOMES, oc, strict=True):
+            m.drift_outcomes.labels(name).set(int(c))
+        rep = drift_report(stats, counts, oc, n, min_decisions=self.cfg.drift_min_decisions)
+        self._report = rep
+        if m.drift_psi is not None and m.drift_share is not None:
+            for name, r in rep["variables"].items():
+                m.drift_psi.labels(name).set(r["psi"])
+            for name, r in rep["outcomes"].items():
+                m.drift_share.labels(name).set(r["share"])
+
+    # ------------------------------------------------------------------ GetModelInfo
+
+    def info(self) -> Mapping[str, str]:
+        from uwrt.runtime.serving import metrics as metrics_mod
+        mode = "off" if self.m is None else ("multiprocess" if metrics_mod.is_multiprocess() else "single")
+        out = {"metrics.mode": mode, "drift.status": self.drift_status,
+               "tracing.sample_ratio": str(self.tracing.ratio if self.tracing is not None else 0.0),
+               "metrics.pid": str(os.getpid())}
+        if self.tracing is not None:
+            out["tracing.sampled"] = str(self.tracing.sampled)
+        rep = self._report
+        if rep is not None:
+            out["drift.window_decisions"] = str(rep["decisions"])
+            worst = max(rep["variables"].items(), key=lambda kv: -1.0 if math.isnan(kv[1]["psi"]) else kv[1]["psi"])
+            out["drift.max_psi"] = f"{worst[0]}={worst[1]['psi']:.4f} ({worst[1]['reading']})"
+            out["drift.psi.score"] = f"{rep['variables']['score']['psi']:.4f}"
+        return out
