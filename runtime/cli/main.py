@@ -36,7 +36,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from uwrt.demo.synth import generate
     from uwrt.runtime.jsonl import write_jsonl
     t0 = time.perf_counter()
-    data = generate(args.n, args.seed, id_prefix=args.id_prefix)
+    data = generate(args.n, args.seed, id_prefix=args.id_prefix, drift=args.drift)
     with _open_out(args.out) as fh:
         write_jsonl(data.requests, fh)
     print(f"wrote {args.n} requests (seed {args.seed}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--id-prefix", default="app-", help="request id prefix (default 'app-')")
     g.add_argument("--out", default="-", help="output file (default: stdout)")
+    g.add_argument("--drift", type=float, default=0.0,
+                   help="shift of the applicants' mean latent risk, in standard deviations, growing from 0 at the "
+                        "earliest as_of to DRIFT at the latest (mean shift DRIFT/2): a riskier mix on purpose, e.g. "
+                        "to see `uwrt drift` and the server's PSI gauges move (default 0: the training population)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("build-demo", help="train the demo model and write a bundle",
@@ -238,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from uwrt.runtime.cli import bundle as bundle_cli
     bundle_cli.register(sub)
+
+    from uwrt.runtime.cli import drift as drift_cli
+    drift_cli.register(sub)
 
     from uwrt.bench import loadgen  # `uwrt bench`: the load generator (bench/loadgen/)
     loadgen.register(sub)

@@ -57,7 +57,7 @@ log = logging.getLogger("uwrt.metrics")
 
 #: 50 us .. 1 s, ten buckets per decade (each bound 1.26x the last): a p99 in single-digit
 #: milliseconds is read to within about 13% (histogram_quantile interpolates inside a bucket)
-LATENCY_BUCKETS_S: tuple[float, ...] = tuple(float(f"{50e-6 * 10 ** (k / 10):.6g}") for k in range(44)) + (1.0,)
+LATENCY_BUCKETS_S: tuple[float, ...] = tuple(float(f"{50e-6 * 10 ** (k / 10):.3g}") for k in range(44)) + (1.0,)
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 TOKEN_BUCKETS: tuple[float, ...] = tuple(float(2 ** k) for k in range(0, 16))
 STAGES = ("featurize", "encode", "trees", "reasons", "policy", "batch")
@@ -96,7 +96,11 @@ METRIC_NAMES: dict[str, str] = {
     "uwrt_drift_expected_outcome_share": "gauge",
 }
 #: only with several workers (the supervisor's own)
-SUPERVISOR_METRIC_NAMES: dict[str, str] = {"uwrt_workers": "gauge", "uwrt_worker_restarts_total": "counter"}
+SUPERVISOR_METRIC_NAMES: dict[str, str] = {"uwrt_workers": "gauge", "uwrt_worker_restarts_total": "counter",
+                                           "uwrt_worker_cpu_seconds_total": "counter"}
+
+# no `_created` series beside every counter and histogram: half the series, nothing an operator reads
+prometheus_client.disable_created_metrics()
 
 _lock = threading.Lock()
 _registry: CollectorRegistry | None = None
@@ -178,10 +182,11 @@ class FastHistogram:
 
 
 class _Delta:
-    """A Counter fed from a running total kept elsewhere (batcher, encoder, tree stage stats)."""
+    """A Counter fed from a running total kept elsewhere (batcher, encoder, tree stage stats).
+    `baseline` (the total when serving starts) is not counted: warm-up is not traffic."""
 
-    def __init__(self, child: Any) -> None:
-        self.child, self.last = child, 0.0
+    def __init__(self, child: Any, baseline: float = 0.0) -> None:
+        self.child, self.last = child, baseline
 
     def to(self, total: float) -> None:
         if total > self.last:
@@ -311,8 +316,8 @@ class ServerMetrics:
             c = self._outcomes[outcome] = self.decisions.labels(outcome)
         return c
 
-    def delta(self, child: Any) -> _Delta:
-        return _Delta(child)
+    def delta(self, child: Any, baseline: float = 0.0) -> _Delta:
+        return _Delta(child, baseline)
 
 
 def server_metrics() -> ServerMetrics:
@@ -382,7 +387,8 @@ class SupervisorMetrics:
         self._restarts = 0
 
     def update(self, states: Iterable[str], restarts: int) -> None:
-        counts: dict[str, int] = {s: 0 for s in ("starting", "loaded", "serving", "backoff", "draining", "exited")}
+        counts: dict[str, int] = {s: 0 for s in ("new", "starting", "loaded", "serving", "backoff", "draining",
+                                                 "exited")}
         for s in states:
             counts[s] = counts.get(s, 0) + 1
         for s, n in counts.items():
@@ -390,6 +396,28 @@ class SupervisorMetrics:
         if restarts > self._restarts:
             self.restarts.inc(restarts - self._restarts)
             self._restarts = restarts
+
+
+class _WorkerCpu(Collector):
+    """uwrt_worker_cpu_seconds_total{worker}: each live worker's CPU time (user + system, every
+    thread) from /proc at scrape time; a restarted worker starts again from 0 (a counter reset)."""
+
+    def __init__(self, pids: Callable[[], list[tuple[int, int]]]) -> None:
+        self.pids = pids
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        fam = CounterMetricFamily("uwrt_worker_cpu_seconds", "CPU seconds (user + system) of each live worker "
+                                  "process", labels=["worker"])
+        tck = os.sysconf("SC_CLK_TCK")
+        for index, pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    f = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            fam.add_metric([str(index)], (int(f[11]) + int(f[12])) / tck)
+        return [fam]
 
 
 class _PooledDrift(Collector):
@@ -522,6 +550,10 @@ class SupervisorEndpoint:
 
     def update(self, states: Iterable[str], restarts: int) -> None:
         self.sup.update(states, restarts)
+
+    def watch_cpu(self, pids: Callable[[], list[tuple[int, int]]]) -> None:
+        """Export each worker's CPU seconds; `pids()` -> [(worker index, pid)] of the live ones."""
+        self.registry.register(_WorkerCpu(pids))
 
     def close(self) -> None:
         if self.http is not None:

@@ -104,6 +104,7 @@ class Observer:
         if self.active:
             self.pipe.on_batch = self.on_batch
         if self.m is not None and self._thread is None:
+            self._baseline()
             self._thread = threading.Thread(target=self._sync_loop, name="uwrt-metrics-sync", daemon=True)
             self._thread.start()
 
@@ -177,6 +178,26 @@ class Observer:
             for name in OUTCOMES:
                 m.drift_expected_share.labels(name).set(self.stats.outcomes.get(name, 0.0))
 
+    def _baseline(self) -> None:
+        """Counters kept by the runtime count from serving on: warm-up (and tree calibration) is not
+        traffic."""
+        d, m = self._deltas, self.m
+        assert m is not None
+        s = self.batcher.stats()
+        for key, total in (("shed", s["rejected"]), ("expired", s["expired"]), ("cancelled", s["cancelled"])):
+            d[key].last = float(total)
+        d["batches0"] = float(s["batches"])
+        enc = self.pipe.encoder_stats()
+        d["enc_fail"].last = float(enc.get("primary_failures", 0) or 0)       # type: ignore[arg-type]
+        d["enc_fb"].last = float(enc.get("fallback_batches", 0) or 0)         # type: ignore[arg-type]
+        d["reasons_fb"].last = float(getattr(self.pipe.explainer, "fallbacks", 0))
+        trees_stats = getattr(self.pipe.trees, "stats", None)
+        if callable(trees_stats):
+            ts = trees_stats()
+            for path, n in ts.get("calls", {}).items():
+                d["paths"][path] = m.delta(m.tree_path.labels(path), float(n))
+            d["tree_fb"].last = float(ts.get("fallbacks", 0))
+
     def _sync_loop(self) -> None:
         while not self._stop.wait(1.0):
             try:
@@ -214,7 +235,7 @@ class Observer:
             name = self.pipe.trees.name
             if name not in d["paths"]:
                 d["paths"][name] = m.delta(m.tree_path.labels(name))
-            d["paths"][name].to(s["batches"])
+            d["paths"][name].to(s["batches"] - d.get("batches0", 0.0))
         d["reasons_fb"].to(getattr(self.pipe.explainer, "fallbacks", 0))
         m.explain_cache.set(len(self.cache) if self.cache is not None else 0)
         now = time.monotonic()

@@ -151,6 +151,7 @@ class Supervisor:
             from uwrt.runtime.serving.metrics import SupervisorEndpoint
             self.metrics = SupervisorEndpoint(self.tmpdir, cfg.metrics_host or cfg.host, cfg.metrics_port,
                                               bundle=self.bundle, min_decisions=cfg.drift_min_decisions)
+            self.metrics.watch_cpu(lambda: [(w.index, w.pid) for w in self.workers if w.pid is not None])
 
     # ------------------------------------------------------------------ public
 
