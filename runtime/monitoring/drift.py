@@ -53,12 +53,15 @@ for _i, _name in enumerate(OUTCOMES):
 
 
 def decile_edges(x: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
-    """Inner bin edges at the sample's quantiles 1/n .. (n-1)/n (ties merged), NaN ignored."""
+    """Inner bin edges at the sample's quantiles 1/n .. (n-1)/n, NaN ignored; tied edges merge and an
+    edge at the sample's maximum is dropped (its bin above would be empty), so no bin is empty in
+    the sample itself."""
     x = np.asarray(x, np.float64)
     x = x[np.isfinite(x)]
     if x.size == 0:
         return np.zeros(0)
-    return np.unique(np.quantile(x, np.linspace(0.0, 1.0, n_bins + 1)[1:-1]))
+    edges = np.unique(np.quantile(x, np.linspace(0.0, 1.0, n_bins + 1)[1:-1]))
+    return edges[edges < x.max()]
 
 
 def proportions(counts: Sequence[int] | np.ndarray, alpha: float = SMOOTHING) -> np.ndarray:
