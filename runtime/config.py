@@ -220,7 +220,8 @@ class RuntimeConfig:
     #: README: Operating uwrt). 0 = tracing off (no per-request work).
     trace_sample_ratio: float = 0.0
     #: Where sampled spans go: "otlp" (OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT, default
-    #: localhost:4317; needs the optional requirements/otlp.txt) or "console" (JSON on stderr).
+    #: localhost:4317; needs the optional requirements/otlp.txt), "console" (JSON on stderr) or
+    #: "none" (spans built, then dropped: to measure tracing's own cost).
     trace_exporter: str = "otlp"
     #: Drift windows (README: Operating uwrt): the population stability index is computed over the
     #: decisions of the last this many seconds ...
@@ -278,7 +279,7 @@ class RuntimeConfig:
             raise ValueError("require_signature needs trusted_keys (comma-separated public key files)")
         if not 0 <= self.metrics_port <= 65535 or not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError("0 <= metrics_port <= 65535 and 0 <= trace_sample_ratio <= 1 are required")
-        for name, allowed in (("reasons", ("inline", "explain")), ("trace_exporter", ("otlp", "console"))):
+        for name, allowed in (("reasons", ("inline", "explain")), ("trace_exporter", ("otlp", "console", "none"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.drift_window_s <= 0 or self.drift_window_n < 1 or self.drift_min_decisions < 1:

@@ -46,7 +46,15 @@ class TracingUnavailable(RuntimeError):
 
 def build_exporter(kind: str) -> Any:
     """The span exporter for `trace_exporter`: "otlp" (OTLP/gRPC; endpoint and headers from the
-    standard OTEL_EXPORTER_OTLP_* variables) or "console" (JSON lines on stderr)."""
+    standard OTEL_EXPORTER_OTLP_* variables), "console" (JSON lines on stderr) or "none" (spans
+    are built and processed, then dropped: what tracing costs the server, without an exporter's)."""
+    if kind == "none":
+        from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+        class _Drop(SpanExporter):
+            def export(self, spans):  # type: ignore[no-untyped-def]
+                return SpanExportResult.SUCCESS
+        return _Drop()
     if kind == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
         return ConsoleSpanExporter(out=sys.stderr)
