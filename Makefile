@@ -78,3 +78,23 @@ clean:
 .PHONY: bench-native
 bench-native:
 	sh bench/native/build.sh
+
+# ---- Operating uwrt: Prometheus (README: "Operating uwrt") ----------------------------------------
+#   make ops-prometheus  Debian's prometheus, for deploy/prometheus/prometheus.yml and the real-Prometheus
+#                        test (tests/deploy/test_prometheus.py): installs it with apt-get when run as root,
+#                        otherwise says what to do and fails. Not run by `make test` (the test then skips,
+#                        naming the package): an operator's and a bench machine's tool, not a test dependency.
+PROMETHEUS_HINT := prometheus is needed for deploy/prometheus/ and tests/deploy/test_prometheus.py: install the package prometheus as root (apt-get install -y prometheus on Debian 12+ or Ubuntu 22.04+), or a release from prometheus.io
+
+.PHONY: ops-prometheus
+ops-prometheus:
+	@if command -v prometheus >/dev/null 2>&1; then \
+	  prometheus --version 2>&1 | head -1; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing prometheus with apt-get"; \
+	  apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y --no-install-recommends prometheus; } && \
+	  prometheus --version 2>&1 | head -1; \
+	else \
+	  echo "error: $(PROMETHEUS_HINT)" >&2; exit 1; \
+	fi

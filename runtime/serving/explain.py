@@ -120,7 +120,8 @@ def explain_row(pipe: Pipeline, row: np.ndarray, *, decided: tuple[int, float, f
 
 def _lower_priority() -> None:
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), EXPLAIN_NICE)   # Linux: this thread only
+        tid = threading.get_native_id()         # Linux: this thread only; relative to the process's nice
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + EXPLAIN_NICE))
     except (OSError, AttributeError) as e:
         log.warning("explain thread: cannot lower its priority (%s); it competes with Decide as an equal", e)
 
