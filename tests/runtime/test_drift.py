@@ -70,6 +70,33 @@ def test_bins_follow_the_edges(rng):
     assert len(decile_edges(np.ones(100))) == 0                  # one value: one bin
 
 
+def test_bin_rows_matches_the_reference(small_bundle, rng):
+    """The server's all-variables-at-once binning against VariableStats.bin per variable, on fresh
+    random rows with every edge, values just beside them, NaN and +-inf mixed in."""
+    from uwrt.runtime.bundle.bundle import load_bundle
+    stats = load_stats(load_bundle(small_bundle, check_trees_with_xgboost=False))
+    n_tab = len(stats.feature_names)
+    v = len(stats.variables)
+    for _ in range(5):
+        b = int(rng.integers(1, 64))
+        rows = rng.normal(size=(b, n_tab + 8)) * rng.uniform(0.1, 50.0)
+        scores = rng.uniform(300, 850, b)
+        for j in range(b):                      # put edges themselves and their neighbours in
+            i = int(rng.integers(0, v - 1))
+            var = stats.variables[i]
+            if var.edges:
+                e = var.edges[int(rng.integers(0, len(var.edges)))]
+                val = float(rng.choice([e, np.nextafter(e, -np.inf), np.nextafter(e, np.inf)]))
+                if i == 0:
+                    scores[j] = val
+                else:
+                    rows[j, i - 1] = val
+        mask = rng.random(rows.shape) < 0.05
+        rows[mask] = rng.choice([np.nan, np.inf, -np.inf], int(mask.sum()))
+        scores[rng.random(b) < 0.05] = np.nan
+        assert np.array_equal(stats.bin_rows(rows, n_tab, scores), stats.bin_rows_reference(rows, n_tab, scores))
+
+
 def test_window_is_bounded_by_count_and_time(rng):
     stats = MonitoringStats((VariableStats("score", "score", (0.0,), (0.5, 0.5)),
                              VariableStats("embedding_norm", "embedding_norm", (1.0,), (0.5, 0.5))),
