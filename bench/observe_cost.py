@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             obs.tracing.shutdown()
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"meta": {"commit": git_sha(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "loadavg": open("/proc/loadavg").read().split()[:3]}, "args": vars(args), "rows": rows}, fh, indent=1)
+            meta = {"commit": git_sha(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "loadavg": open("/proc/loadavg").read().split()[:3]}
+            json.dump({"meta": meta, "args": vars(args), "rows": rows}, fh, indent=1)
     return 0
 
 
