@@ -8,7 +8,8 @@ For each batch size: real batches are decided once (pipe.decide) and their rows,
 stage times captured; then, round-robin over configurations and repeated `--rounds` times, each
 configuration's hooks run `--reps` times on those batches exactly as the server calls them
 (`Observer.on_batch` per batch on the model thread's side, `Observer.rpc_done` per request, the
-1 Hz sync once per second of simulated traffic is negligible and left out). The baseline is the
+1 Hz sync's other work is per second, not per request, and left out; its drift binning, done for
+every batch since the last sync at once, is inside the timed region). The baseline is the
 same loop with every hook off (`metrics_port = 0`, no tracing, no Explain cache): the Observer's
 `active` check. The denominator: the pipeline's CPU per request at that batch size (pipe.decide),
 and, for the whole server, the CPU per request measured by `bench/profile_server.py` in the same
@@ -60,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
             return {"rejected": 0, "expired": 0, "cancelled": 0, "batches": 0, "queued": 0}
         _inflight = None
 
-    def observer(metrics: bool, ratio: float) -> Observer:
-        cfg = RuntimeConfig(explain_cache_size=0, metrics_port=9464 if metrics else 0)
+    def observer(metrics: bool, ratio: float, cache: int = 0) -> Observer:
+        cfg = RuntimeConfig(explain_cache_size=cache, metrics_port=9464 if metrics else 0)
         tr = Tracing(ratio, build_exporter("none")) if ratio > 0 else None
         return Observer(pipe, cfg, _Batcher(), tracing=tr)
 
     configs = {"off": (False, 0.0), "metrics": (True, 0.0), "trace-1%": (False, 0.01), "trace-100%": (False, 1.0),
-               "metrics+trace-1%": (True, 0.01)}
+               "metrics+trace-1%": (True, 0.01), "explain-cache": (False, 0.0, 4096),
+               "defaults": (True, 0.0, 4096)}
     observers = {name: observer(*c) for name, c in configs.items()}
     rows: list[dict] = []
     for bs in [int(x) for x in args.batches.split(",")]:
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                         for resp in responses:
                             start = time.perf_counter_ns()
                             obs.rpc_done("Decide", "OK", start, resp)
+                if obs.window is not None:
+                    obs._bin_pending()                       # the sync thread's share: binning for drift
                 if obs.tracing is not None:
                     obs.tracing.provider.force_flush()       # the export thread's work counts too
                 samples[name].append(1e6 * (time.process_time() - t0) / (args.reps * bs))

@@ -4,11 +4,12 @@ sync that turns the runtime's own counters into metrics.
     handlers (event loop), at each RPC's end: rpc_done(method, code, t0, response)
         -> request duration + count (per method, status), queue wait; tracing.finish if sampled
     Pipeline.decide (model thread), per decided batch: on_batch(batch, rows, responses, times)
-        -> stage times, batch size and tokens, outcomes; drift window; recent decisions (Explain);
-           tracing.on_batch
+        -> stage times, batch size and tokens, outcomes; the batch's rows and scores queued for the
+           drift window; recent decisions (Explain); tracing.on_batch
     sync thread (uwrt-metrics-sync, 1 Hz): batcher counters (shed, deadline-expired, cancelled),
         queue depth, in-flight, encoder fallbacks and degraded, tree routing and fallbacks,
-        reasons fallbacks, explain cache size, drift window counts and PSI (every DRIFT_EVERY_S),
+        reasons fallbacks, explain cache size, the queued batches binned into the drift window
+        (all at once), drift window counts and PSI (every DRIFT_EVERY_S),
         then flushes the accumulators into prometheus_client (runtime/serving/metrics.py)
 
 Metrics off (`metrics_port = 0`): nothing above is observed and no drift window is kept; the
@@ -86,6 +87,7 @@ class Observer:
                     self.drift_status = (f"on: {len(self.stats.variables)} variables, window {cfg.drift_window_s:g}s / "
                                          f"{cfg.drift_window_n} decisions, development sample n={self.stats.n}")
         self._report: dict[str, Any] | None = None
+        self._drift_pending: list[tuple[np.ndarray, list[float], list[int], float]] = []
         self._deltas: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -148,10 +150,9 @@ class Observer:
             outcomes = [r.outcome for r in responses]
             for o in set(outcomes):
                 m.outcome_counter(_OUTCOME_NAME.get(o, "OUTCOME_UNSPECIFIED")).inc(outcomes.count(o))
-            if self.window is not None and self.stats is not None:
-                scores = np.fromiter((r.score for r in responses), np.float64, len(responses))
-                self.window.add(self.stats.bin_rows(rows, self.n_tabular, scores), outcome_index(outcomes),
-                                time.monotonic())
+            if self.window is not None:
+                # binned by the sync thread, many batches at once (list.append is atomic)
+                self._drift_pending.append((rows, [r.score for r in responses], outcomes, time.monotonic()))
         if self.cache is not None:
             self.cache.put_batch(batch.request_ids, rows, responses)
         if self.tracing is not None:
@@ -239,14 +240,34 @@ class Observer:
         d["reasons_fb"].to(getattr(self.pipe.explainer, "fallbacks", 0))
         m.explain_cache.set(len(self.cache) if self.cache is not None else 0)
         now = time.monotonic()
+        if self.window is not None:
+            self._bin_pending()          # every second: the pending list stays small
         if self.window is not None and now - self._last_drift >= DRIFT_EVERY_S:
             self._last_drift = now
             self._sync_drift(now)
         m.flush()
 
+    def _bin_pending(self) -> None:
+        """Bin the batches decided since the last call, in one call, into the drift window (each
+        batch with its own decision time)."""
+        stats, window = self.stats, self.window
+        assert stats is not None and window is not None
+        pending, self._drift_pending = self._drift_pending, []
+        if not pending:
+            return
+        bins = stats.bin_rows(np.concatenate([p[0] for p in pending]), self.n_tabular,
+                              np.fromiter((s for p in pending for s in p[1]), np.float64))
+        oc = outcome_index([o for p in pending for o in p[2]])
+        start = 0
+        for rows, _, _, t in pending:
+            end = start + rows.shape[0]
+            window.add(bins[start:end], oc[start:end], t)
+            start = end
+
     def _sync_drift(self, now: float) -> None:
         m, stats, window = self.m, self.stats, self.window
         assert m is not None and stats is not None and window is not None
+        self._bin_pending()
         counts, oc, n = window.snapshot(now)
         m.drift_n.set(n)
         for i, v in enumerate(stats.variables):
