@@ -87,7 +87,7 @@ class Observer:
                     self.drift_status = (f"on: {len(self.stats.variables)} variables, window {cfg.drift_window_s:g}s / "
                                          f"{cfg.drift_window_n} decisions, development sample n={self.stats.n}")
         self._report: dict[str, Any] | None = None
-        self._drift_pending: list[tuple[np.ndarray, list[float], list[int], float]] = []
+        self._drift_pending: list[tuple[np.ndarray, list[float], list[Any], float]] = []
         self._deltas: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
