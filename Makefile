@@ -52,10 +52,11 @@ lint: install-test
 	$(BIN)/mypy
 
 # What the tests use beyond Python (built/installed with apt-get when run as root): the native
-# load generator (libnghttp2-dev). A step that fails here does not stop the tests; the tests
-# that need it skip and name the missing package.
+# load generator (libnghttp2-dev) and HAProxy for the scale-out tests. A step that fails here does
+# not stop the tests; the tests that need it skip and name the missing package.
 test-deps:
 	-@$(MAKE) --no-print-directory bench-native
+	-@$(MAKE) --no-print-directory ops-test-deps
 
 test: lint test-deps
 	$(BIN)/python -m pytest -q
@@ -78,9 +79,42 @@ clean:
 .PHONY: bench-native
 bench-native:
 	sh bench/native/build.sh
+# ---- Scaling out (README: "Scaling out") -------------------------------------------------------------
+#   make ops-install    what operating uwrt needs beyond Python: ops-haproxy and ops-prometheus (below)
+#   make ops-haproxy    HAProxy (the Debian package haproxy, >= 2.6) for the multi-replica topology:
+#                       installs it with apt-get when run as root, otherwise says what to do and fails
+#   make ops-test-deps  ops-haproxy when it can (root + apt-get), otherwise only a warning: the scale-out
+#                       tests then skip, naming the package (for `make test` / CI). Not Prometheus.
+#   make cluster        REPLICAS (3) x `uwrt serve` behind HAProxy on 127.0.0.1:$(CLUSTER_PORT); Ctrl-C drains
+#                       and stops; SERVE_ARGS go to every replica
+REPLICAS ?= 3
+CLUSTER_PORT ?= 50050
+HAPROXY_HINT := haproxy (>= 2.6) is needed for the multi-replica topology: install the package haproxy as root (apt-get install -y haproxy on Debian 12+ or Ubuntu 24.04+), or with your package manager
+
+.PHONY: ops-install ops-haproxy ops-test-deps cluster
+
+ops-install: ops-haproxy ops-prometheus
+
+ops-haproxy:
+	@if command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; then \
+	  PATH="$$PATH:/usr/sbin" haproxy -v | head -1; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing haproxy with apt-get"; \
+	  apt-get install -y --no-install-recommends haproxy >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y --no-install-recommends haproxy; } && \
+	  PATH="$$PATH:/usr/sbin" haproxy -v | head -1; \
+	else \
+	  echo "error: $(HAPROXY_HINT)" >&2; exit 1; \
+	fi
+
+ops-test-deps:
+	@$(MAKE) --no-print-directory ops-haproxy || echo "warning: haproxy not installed: the scale-out tests (tests/deploy) will be skipped" >&2
+
+cluster: bundle ops-haproxy
+	$(BIN)/python deploy/cluster.py up --replicas $(REPLICAS) --bundle $(BUNDLE) --port $(CLUSTER_PORT) $(if $(SERVE_ARGS),-- $(SERVE_ARGS))
 
 # ---- Operating uwrt: Prometheus (README: "Operating uwrt") ----------------------------------------
-#   make ops-prometheus  Debian's prometheus, for deploy/prometheus/prometheus.yml and the real-Prometheus
+#   make ops-prometheus  (part of ops-install) Debian's prometheus, for deploy/prometheus/prometheus.yml and the real-Prometheus
 #                        test (tests/deploy/test_prometheus.py): installs it with apt-get when run as root,
 #                        otherwise says what to do and fails. Not run by `make test` (the test then skips,
 #                        naming the package): an operator's and a bench machine's tool, not a test dependency.

@@ -38,5 +38,5 @@ setup(
     install_requires=[
         "numpy", "safetensors", "cryptography", "protobuf", "grpcio", "grpcio-health-checking", "grpcio-reflection",
     ],
-    entry_points={"console_scripts": ["uwrt=uwrt.runtime.cli:main"]},
+    entry_points={"console_scripts": ["uwrt=uwrt.runtime.cli.main:entry"]},
 )

@@ -8,7 +8,7 @@ Paths: xgboost inplace_predict (reference), Treelite GTIL, tl2cgen Predictor + D
 TL2cgen library called directly (ctypes, branch-annotated on half of the input rows unless
 --no-annotate; the unannotated build is timed too as tl2cgen_noannot; --quantize adds a
 quantize=1 build), T2's native batch layout (runtime/trees/native.py, if present), ONNX Runtime,
-and the routed stage (calibrated in this process over native/tl2cgen/xgboost/onnx).
+and the routed stage (`tree_path = "all"`: calibrated in this process over native/tl2cgen/xgboost/onnx).
 
 Input rows: realistic model rows (synthetic requests -> featurize -> encoder -> the exact rows
 the tree stage sees) unless --no-realistic (then the parity golden set: NaN/inf heavy, not
@@ -164,10 +164,10 @@ def main() -> int:
     stages.append(onnx)
 
     routed_inner = [s for s in (native, direct, stages[0], onnx) if s is not None]
-    routed = RoutedTreeStage(routed_inner, reference="xgboost")
+    routed = RoutedTreeStage(routed_inner, reference="xgboost", label="all")   # tree_path = "all"
     t0 = time.perf_counter()
     routed.calibrate(rows, sorted(set(DEFAULT_BATCH_SIZES) | set(sizes)))
-    setup["routed"] = {"calibrate_s": round(time.perf_counter() - t0, 3), "crossovers": routed.crossovers()}
+    setup["all"] = {"calibrate_s": round(time.perf_counter() - t0, 3), "crossovers": routed.crossovers()}
     stages.append(routed)
 
     # parity on the timing rows and the golden set
@@ -216,12 +216,12 @@ def print_table(results: list[dict], sizes: list[int], names: list[str], meta: d
     for n in names:
         print(f"| {n} | " + " | ".join(f"{cell[n, b]['median_us']:.1f} / {cell[n, b]['p99_us']:.1f}" for b in sizes)
               + f" | {meta['parity_max_prob_diff'][n]:.2g} |")
-    singles = [n for n in names if n != "routed"]
-    print("\n| b | best single path | its median | routed median | routed / best | xgboost / direct tl2cgen |")
+    singles = [n for n in names if n != "all"]
+    print("\n| b | best single path | its median | all (routed) median | all / best | xgboost / direct tl2cgen |")
     print("|---|---|---|---|---|---|")
     for b in sizes:
         best = min(singles, key=lambda n: cell[n, b]["median_us"])
-        r, m = cell["routed", b]["median_us"], cell[best, b]["median_us"]
+        r, m = cell["all", b]["median_us"], cell[best, b]["median_us"]
         print(f"| {b} | {best} | {m:.1f} | {r:.1f} | {r / m:.2f} | "
               f"{cell['xgboost', b]['median_us'] / cell['tl2cgen', b]['median_us']:.1f}x |")
     print(f"\nrouter crossovers (calibrated here): {meta['routing']['crossovers']}")

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -525,11 +525,13 @@ class SyntheticSet:
     as_of_unix_s: np.ndarray             # int64 [n]
 
 
-def generate(n: int, seed: int, *, id_prefix: str = "app-", drift: float = 0.0) -> SyntheticSet:
+def generate(n: int, seed: int, *, id_prefix: str = "app-", drift: float = 0.0,
+             progress: Callable[[int], object] | None = None) -> SyntheticSet:
     """`n` synthetic applicants from `seed`; deterministic, prefix-stable in `n`.
 
     drift: shift of the mean latent risk (in standard deviations) from the earliest to the latest
     as_of; 0 (default) is a stationary population, > 0 a population that worsens over time.
+    progress: called with the number of applicants just generated (every 256), e.g. a bar's update.
     """
     if n < 0:
         raise ValueError("n must be >= 0")
@@ -543,6 +545,10 @@ def generate(n: int, seed: int, *, id_prefix: str = "app-", drift: float = 0.0) 
         y_def[i] = a
         y_dpd[i] = b
         as_of[i] = t
+        if progress is not None and (i + 1) % 256 == 0:
+            progress(256)
+    if progress is not None and n % 256:
+        progress(n % 256)
     return SyntheticSet(reqs, y_def, y_dpd, as_of)
 
 

@@ -143,11 +143,12 @@ class RuntimeConfig:
     #: Directory for the exported ONNX encoder; empty = the bundle's cache/onnx, or
     #: ~/.cache/uwrt/onnx ($XDG_CACHE_HOME) when that is read-only or untrusted (README: Security).
     onnx_cache_dir: str = ""
-    #: Tree stage path. "auto": routed by batch size, measured at warm-up, between the paths whose
-    #: margins are bit-identical to xgboost's ("native", our generated C layout, and "xgboost"
-    #: inplace_predict), so a score never depends on which path its batch size chose. "routed":
-    #: also the TL2cgen and ONNX Runtime paths (agree within 1e-6 in probability, not to the bit).
-    #: Or one forced path: "native", "tl2cgen", "xgboost", "onnx". Always on the CPU.
+    #: Tree stage path. "auto": each batch goes to the path measured fastest for its size at
+    #: warm-up, among the paths whose margins are bit-identical to xgboost's ("native", our
+    #: generated C layout, and "xgboost" inplace_predict), so a score never depends on which path
+    #: its batch size chose. "all": the same routing over every path, TL2cgen and ONNX Runtime
+    #: included (they agree within 1e-6 in probability, not to the bit). Or one forced path:
+    #: "native", "tl2cgen", "xgboost", "onnx". GetModelInfo's tree_backend is this value. Always on the CPU.
     tree_path: str = "auto"
     #: Where compiled tree libraries are cached; empty = the bundle's cache/native, then
     #: $UWRT_CACHE_DIR or ~/.cache/uwrt/native (first writable and trusted). Compiled once,
@@ -174,6 +175,12 @@ class RuntimeConfig:
     score_batch_size: int = 64
     #: Seconds SIGTERM/SIGINT waits for queued and in-flight requests before exiting.
     grace_s: float = 10.0
+    #: Seconds the server keeps serving after SIGTERM/SIGINT has turned its health NOT_SERVING,
+    #: before it refuses new RPCs: the time a load balancer needs to see the change and stop
+    #: routing here (its health-check interval x the failures it needs). 0 = refuse at once (a
+    #: plain process or Kubernetes, whose preStop sleep does this job). Behind HAProxy or a
+    #: health-checking client, set it above the check interval (deploy/cluster.py does).
+    drain_delay_s: float = 0.0
     #: Server processes behind the port (`uwrt serve`): "auto" or N >= 1. "auto" = one per CPU in
     #: the process's affinity set (`os.sched_getaffinity`) with the cpu profile, 1 with the gpu
     #: profile (one CUDA context and one set of CUDA graphs per process would compete for one
@@ -242,6 +249,44 @@ class RuntimeConfig:
     explain_timeout_s: float = 2.0
     #: Explain calls queued for the explain thread beyond this are refused with RESOURCE_EXHAUSTED.
     explain_max_queue: int = 32
+    #: Directory of the decision log (audit log) and the idempotency index (README: Decision
+    #: records); empty = no log and no idempotency. One writer directory per server process (w0,
+    #: w1, ...) and one index.sqlite shared by the processes of this host.
+    records_dir: str = ""
+    #: When a decision's record counts as written: "fsync" (a batch's records are fdatasync'ed
+    #: before its responses are released; batches queued meanwhile share one fsync) or "interval"
+    #: (responses are released after the write; fdatasync at most every records_interval_ms, so a
+    #: power loss can lose the last interval's records; a process crash loses none).
+    records_durability: str = "fsync"
+    #: With records_durability = "interval": the most milliseconds between two fdatasyncs.
+    records_interval_ms: int = 10
+    #: What a record keeps of the request: "full" (the request itself) or "digest" (its SHA-256
+    #: and as_of only, for deployments that keep payloads elsewhere).
+    records_payload: str = "full"
+    #: A log segment is sealed (trailer with count and SHA-256) and the next one begun past this
+    #: many bytes.
+    records_segment_bytes: int = 64 << 20
+    #: ... or when it is this many seconds old and holds a record.
+    records_segment_s: float = 3600.0
+    #: Idempotency window, seconds: a request id decided within it gets its stored decision back
+    #: (path REPLAY); the same id with another request is ALREADY_EXISTS. 0 = off. Needs
+    #: records_dir (the log is the index's source of truth).
+    idempotency_window_s: float = 86400.0
+    #: Longest a request waits for another request with the same id that is being decided (then
+    #: UNAVAILABLE, safe to retry); its deadline bounds it too.
+    idempotency_wait_s: float = 5.0
+    #: Register the Admin service (Reload) on the server's port. Off by default: anyone who can
+    #: reach the port could otherwise switch the model.
+    admin_enabled: bool = False
+    #: Challenger (shadow) bundle directory: scores a sampled share of decided requests after
+    #: their responses are sent, on its own lowest-priority thread; its decisions go to the
+    #: decision log marked shadow. Empty = none.
+    shadow_bundle: str = ""
+    #: Share of decided requests the challenger scores, 0 to 1 (chosen by request digest, so a
+    #: request is always in or out).
+    shadow_share: float = 0.0
+    #: Most batches waiting for the challenger; a batch beyond it is dropped and counted.
+    shadow_queue: int = 8
     #: Dynamic batching (see runtime/serving/batching.py).
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
@@ -249,8 +294,8 @@ class RuntimeConfig:
         for name in ("max_request_events", "max_request_bytes", "score_batch_size", "tree_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.torch_threads < 0 or not 0 <= self.port <= 65535 or self.grace_s < 0:
-            raise ValueError("torch_threads >= 0, 0 <= port <= 65535 and grace_s >= 0 are required")
+        if self.torch_threads < 0 or not 0 <= self.port <= 65535 or self.grace_s < 0 or self.drain_delay_s < 0:
+            raise ValueError("torch_threads >= 0, 0 <= port <= 65535, grace_s >= 0 and drain_delay_s >= 0 are required")
         for name, allowed in (("profile", PROFILE_CHOICES), ("encoder_backend", ENCODER_BACKEND_CHOICES),
                               ("onnx_optimization", ("none", "ort", "transformer")),
                               ("onnx_attention", ("mha", "matmul")),
@@ -286,6 +331,16 @@ class RuntimeConfig:
             raise ValueError("drift_window_s > 0, drift_window_n >= 1 and drift_min_decisions >= 1 are required")
         if self.explain_cache_size < 0 or self.explain_timeout_s <= 0 or self.explain_max_queue < 1:
             raise ValueError("explain_cache_size >= 0, explain_timeout_s > 0 and explain_max_queue >= 1 are required")
+        if self.records_durability not in ("fsync", "interval") or self.records_payload not in ("full", "digest"):
+            raise ValueError("records_durability must be fsync or interval, records_payload full or digest; got "
+                             f"{self.records_durability!r}, {self.records_payload!r}")
+        if (self.records_interval_ms < 1 or self.records_segment_bytes < 4096 or self.records_segment_s < 0
+                or self.idempotency_window_s < 0 or self.idempotency_wait_s < 0):
+            raise ValueError("records_interval_ms >= 1, records_segment_bytes >= 4096, records_segment_s, "
+                             "idempotency_window_s and idempotency_wait_s >= 0 are required")
+        if not 0.0 <= self.shadow_share <= 1.0 or self.shadow_queue < 1:
+            raise ValueError(f"shadow_share must be in [0, 1] and shadow_queue >= 1, got {self.shadow_share}, "
+                             f"{self.shadow_queue}")
         if self.gc_threshold and (len(self.gc_threshold) != 3 or any(t < 0 for t in self.gc_threshold)):
             raise ValueError(f"gc_threshold must be empty or three non-negative integers, got {self.gc_threshold!r}")
 
@@ -346,20 +401,22 @@ class RuntimeConfig:
         """The configuration `to_dict` wrote (no file, environment or profile is consulted)."""
         return _build(cls, dict(values))
 
-    def flat(self) -> dict[str, str]:
-        """Every knob as 'name' / 'batching.name' -> value string (for GetModelInfo and logs)."""
-        out = {}
+    def flat(self) -> dict[str, Any]:
+        """Every knob as 'name' / 'batching.name' -> its value as a JSON-ready Python value (str,
+        int, float, bool; a tuple becomes a list), for GetModelInfo (which sends each one as JSON
+        text) and logs."""
+        out: dict[str, Any] = {}
         for _, _, path in _leaves(type(self)):
             v: Any = self
             for p in path:
                 v = getattr(v, p)
-            out[".".join(path)] = str(v)
+            out[".".join(path)] = list(v) if isinstance(v, tuple) else v
         return out
 
 
 PROFILE_CHOICES = ("auto", "cpu", "gpu")
 ENCODER_BACKEND_CHOICES = ("onnx", "torchscript", "torch", "triton")
-TREE_PATH_CHOICES = ("auto", "routed", "native", "tl2cgen", "xgboost", "onnx")
+TREE_PATH_CHOICES = ("auto", "all", "native", "tl2cgen", "xgboost", "onnx")
 REASONS_PATH_CHOICES = ("native", "xgboost")
 PIN_WORKERS_CHOICES = ("auto", "on", "off")
 #: knobs typed str that also take a TOML integer (`workers = 2`)

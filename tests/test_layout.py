@@ -24,10 +24,11 @@ ALLOWED = {
     "trees": {"foundation", "bundle", "trees"},
     "pipeline": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels"},
     "monitoring": {"foundation", "bundle", "policy", "monitoring"},
-    "serving": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "serving",
-                "monitoring"},
-    "cli": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "serving",
-            "cli", "demo", "bench", "monitoring"},
+    "records": {"foundation", "bundle", "records"},
+    "serving": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "records",
+                "serving", "monitoring"},
+    "cli": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "records",
+            "serving", "cli", "demo", "bench", "monitoring"},
     "kernels": {"kernels"},
 }
 

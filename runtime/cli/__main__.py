@@ -1,6 +1,4 @@
 """`python -m uwrt.runtime.cli ...` is `uwrt ...`."""
-import sys
+from uwrt.runtime.cli.main import entry
 
-from uwrt.runtime.cli.main import main
-
-sys.exit(main())
+entry()

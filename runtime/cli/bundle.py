@@ -23,11 +23,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uwrt.runtime import __version__
-from uwrt.runtime.bundle.bundle import Bundle, create_from_parts, load_bundle, sign_bundle
 from uwrt.runtime.errors import BundleError
+
+if TYPE_CHECKING:
+    from uwrt.runtime.bundle.bundle import Bundle
 
 __all__ = ["register", "cmd_create", "cmd_inspect", "cmd_verify", "cmd_keygen", "cmd_sign"]
 
@@ -111,6 +113,7 @@ def _fail(e: BundleError) -> int:
 
 def cmd_create(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle create`."""
+    from uwrt.runtime.bundle.bundle import create_from_parts  # imported on use: `uwrt --help` stays light
     kw = dict(trees=args.trees, encoder_weights=args.encoder_weights,
               encoder_config=args.encoder_config, feature_schema=args.feature_schema,
               policy=args.policy, bundle_id=args.bundle_id, tree_version=args.tree_version,
@@ -168,6 +171,7 @@ def _sample_monitoring(b: Bundle, sample: str) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle inspect`: verifies, then prints text or (--json) one object."""
+    from uwrt.runtime.bundle.bundle import load_bundle  # imported on use: `uwrt --help` stays light
     try:
         b = load_bundle(args.dir, check_trees_with_xgboost=False)
     except BundleError as e:
@@ -180,6 +184,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle verify`: 0 verified, 2 failed, 3 not signed by a given key."""
+    from uwrt.runtime.bundle.bundle import load_bundle  # imported on use: `uwrt --help` stays light
     try:
         b = load_bundle(args.dir, check_trees_with_xgboost=False, trusted_keys=args.pubkey)
     except BundleError as e:
@@ -207,6 +212,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle sign`."""
+    from uwrt.runtime.bundle.bundle import sign_bundle  # imported on use: `uwrt --help` stays light
     try:
         b = sign_bundle(args.dir, args.key)
     except (BundleError, OSError) as e:

@@ -44,15 +44,18 @@ releases the GIL for the whole run.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import pathlib
+import re
+import sys
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -68,7 +71,7 @@ from uwrt.runtime.featurize import PackedEvents
 log = logging.getLogger("uwrt.encoder.onnx")
 
 #: Bump whenever the exported graph changes: it is part of the cache key.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 OPSET = 17
 OPTIMIZATION_LEVELS = ("none", "ort", "transformer")
 CACHE_SUBDIR = "onnx"
@@ -109,6 +112,11 @@ class _Graph:
         out = self.name(base or op_type.lower())
         self.nodes.append(self.oh.make_node(op_type, inputs, [out], name=out + "_node", **attrs))
         return out
+
+    def unused_initializers(self) -> list[str]:
+        """Initializers no node reads (ORT removes them with a warning at every session start)."""
+        used = {i for n in self.nodes for i in n.input}
+        return [t.name for t in self.inits if t.name not in used]
 
 
 def _weights(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -172,8 +180,10 @@ def export_onnx(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], *, attent
     x = g.op("Concat", [g.op("Gather", [g.const(w["type_emb.weight"]), "type_ids"]),
                         g.op("Gather", [g.const(w["mcc_emb.weight"]), "mcc_ids"]), "numeric"], axis=-1)
     x = lin(x, "in_proj")                                   # [T, d]
-    scale = g.const(np.array(1.0 / math.sqrt(Dh), np.float32), "scale")
-    flat_hd, flat_d = g.const(i64(-1, H, Dh)), g.const(i64(-1, d))
+    flat_d = g.const(i64(-1, d))
+    if attention == "matmul":      # only this form scales by hand (MultiHeadAttention does it inside)
+        scale = g.const(np.array(1.0 / math.sqrt(Dh), np.float32), "scale")
+        flat_hd = g.const(i64(-1, H, Dh))
     for li in range(cfg.n_layers):
         p = f"layers.{li}."
         if attention == "mha":
@@ -215,6 +225,9 @@ def export_onnx(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], *, attent
     model = oh.make_model(graph, opset_imports=opsets, producer_name="uwrt",
                           producer_version=str(EXPORT_VERSION))
     model.ir_version = 8
+    unused = g.unused_initializers()
+    if unused:        # ORT would warn at every start ("Removing initializer ..."): keep the graph clean
+        raise AssertionError(f"export_onnx wrote initializers no node uses: {unused}")
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
@@ -254,9 +267,64 @@ def fusion_report(cfg: EncoderConfig, state: Mapping[str, torch.Tensor]) -> dict
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             so.optimized_model_filepath = os.path.join(tmp, f"{name}.onnx")
-            ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+            ort_session(model, so, ["CPUExecutionProvider"])
             report[name] = op_counts(pathlib.Path(so.optimized_model_filepath).read_bytes())
     return report
+
+
+# -- ONNX Runtime's own log -----------------------------------------------------------------------
+
+ort_log = logging.getLogger("uwrt.encoder.onnx.ort")
+
+#: One line of ORT's default logger: optional ANSI colour, "<date> <time> [W:onnxruntime:<id>, <file:line> <func>]
+#: <message>", colour reset.
+_ORT_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)?\S+ \S+ \[([VIWEF]):onnxruntime:[^,\]]*,? ?([^\]]*)\] (.*?)(?:\x1b\[m)?$")
+_ORT_LEVELS = {"V": logging.DEBUG, "I": logging.DEBUG, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+_STDERR_LOCK = threading.Lock()
+
+
+def ort_severity() -> int:
+    """ORT's log severity for our "uwrt.encoder.onnx.ort" logger's level: 1 (info) when it is
+    enabled for DEBUG (`uwrt -v`), else 2 (warnings and errors)."""
+    return 1 if ort_log.isEnabledFor(logging.DEBUG) else 2
+
+
+@contextlib.contextmanager
+def ort_log_routed() -> Iterator[None]:
+    """Route what ONNX Runtime prints on stderr (fd 2, from C++, in ANSI colour) through our logger
+    while the block runs: each ORT line becomes one record of "uwrt.encoder.onnx.ort" at the
+    matching level (W -> WARNING, E -> ERROR, I/V -> DEBUG), without the colour codes. Other text
+    written to fd 2 meanwhile (another thread's) is passed through unchanged after the block.
+    Used around session creation, where ORT reports what it did to the graph; process-wide
+    (fd 2), so blocks are serialised by a lock."""
+    with _STDERR_LOCK:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                text = tmp.read().decode("utf-8", "replace")
+        for line in text.splitlines():
+            m = _ORT_LINE.match(line)
+            if m:
+                ort_log.log(_ORT_LEVELS[m.group(1)], "onnxruntime: %s (%s)", m.group(3), m.group(2).strip())
+            elif line.strip():
+                print(line, file=sys.stderr)
+
+
+def ort_session(model: bytes, so: Any, providers: list[str]) -> Any:
+    """An InferenceSession with ORT's log at `ort_severity()` and routed through our logger."""
+    import onnxruntime as ort
+    ort.set_default_logger_severity(ort_severity())
+    so.log_severity_level = ort_severity()
+    with ort_log_routed():
+        return ort.InferenceSession(model, so, providers=providers)
 
 
 # -- cache ---------------------------------------------------------------------------------------
@@ -560,7 +628,7 @@ class OnnxEncoderBackend:
         model, self.source = load_or_export(cfg, state, cache_dir=cdir, optimization=optimization,
                                             attention=attention, bundle_digest=bundle_digest)
         try:
-            self.session = ort.InferenceSession(model, so, providers=providers)
+            self.session = ort_session(model, so, providers)
         except Exception as e:  # noqa: BLE001 - a cached file that ORT refuses is re-exported once
             if self.source != "cache":
                 raise
@@ -568,7 +636,7 @@ class OnnxEncoderBackend:
             model = export_onnx(cfg, state, attention=attention)
             if optimization == "transformer":
                 model = transformer_optimize(model, cfg)[0]
-            self.session = ort.InferenceSession(model, so, providers=providers)
+            self.session = ort_session(model, so, providers)
             self.source = "export-uncached"
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.feeder = FeedBuilder(self.buckets, self.input_names)

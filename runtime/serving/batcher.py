@@ -48,7 +48,7 @@ import grpc
 from uwrt.runtime.errors import UwrtError
 from uwrt.runtime.serving.batching import BatchingConfig, CostModel, Pending, expiry_us, plan
 
-__all__ = ["Batcher", "BatcherClosed", "Clock", "DeadlineExpired", "MonotonicClock", "QueueFull"]
+__all__ = ["Batcher", "BatcherClosed", "Clock", "DeadlineExpired", "Deferred", "MonotonicClock", "QueueFull"]
 
 log = logging.getLogger("uwrt.batcher")
 
@@ -93,6 +93,16 @@ class MonotonicClock:
     def call_at(self, t_us: int, callback: Callable[[], object]) -> asyncio.TimerHandle:
         """Run `callback` on the running loop at `t_us` (the loop's clock is time.monotonic too)."""
         return asyncio.get_running_loop().call_at(t_us / 1e6, callback)
+
+
+class Deferred:
+    """What `run_batch` may return instead of its results: a concurrent.futures.Future of them.
+    The worker counts as free at once (the next batch may run), and the callers' futures settle
+    when it resolves (runtime/serving/audit.py: once the batch's decision records are durable)."""
+    __slots__ = ("future",)
+
+    def __init__(self, future: concurrent.futures.Future) -> None:
+        self.future = future
 
 
 @dataclass(eq=False, slots=True)
@@ -149,6 +159,8 @@ class Batcher:
         self._settle_idle = 0
         self._stopped = False
         self._closing = False
+        self._deferred = 0                           # Deferred batches not yet settled
+        self._flushing = False                       # draining: dispatch without waiting for company
         self._stats = _Stats()
 
     # ---------------------------------------------------------------- public API
@@ -239,6 +251,13 @@ class Batcher:
             wait += self.cost.predict(n, self._queued_tokens) + (full - 1) * self.cost.predict(0, 0)
         return wait
 
+    def flush(self) -> None:
+        """From now on dispatch every queued request as soon as the worker is free (no waiting for
+        company), while still accepting submissions: the server's shutdown calls it before gRPC
+        stops accepting, so the calls gRPC already accepted are decided, not refused."""
+        self._flushing = True
+        self._kick()
+
     async def drain(self, timeout_s: float) -> bool:
         """Stop accepting (new submits raise BatcherClosed), run every queued request without
         waiting for company, wait for the batch in flight. True if all finished within
@@ -286,7 +305,7 @@ class Batcher:
             now = self.clock.now_us()
             settling = self._settle_until is not None and self._settling(now)
             p = plan([e.pending for e in self._queue.values()], now, self.cfg, self.cost,
-                     worker_free=self._inflight is None and not settling, flush=self._closing)
+                     worker_free=self._inflight is None and not settling, flush=self._closing or self._flushing)
             for seq in p.expire:
                 e = self._pop(seq)
                 assert e is not None
@@ -314,7 +333,7 @@ class Batcher:
             if settling:
                 self._kick()            # look again next loop iteration
                 return
-            if self._closing and not self._queue and self._inflight is None:
+            if self._closing and not self._queue and self._inflight is None and not self._deferred:
                 self._stop()
                 if self._finished is not None and not self._finished.done():
                     self._finished.set_result(True)
@@ -340,7 +359,7 @@ class Batcher:
             self._settle_seen, self._settle_idle = n, 0
         else:
             self._settle_idle += 1
-        if (self._settle_idle >= 2 or now >= self._settle_until or self._closing
+        if (self._settle_idle >= 2 or now >= self._settle_until or self._closing or self._flushing
                 or n >= self.cfg.max_batch_size):
             self._settle_until = None
             return False
@@ -349,7 +368,7 @@ class Batcher:
     def _drive_busy(self, now: int) -> None:
         """Right after a dispatch to the worker: only expiry matters until it frees."""
         p = plan([e.pending for e in self._queue.values()], now, self.cfg, self.cost, worker_free=False,
-                 flush=self._closing) if self._queue else None
+                 flush=self._closing or self._flushing) if self._queue else None
         if p is not None:
             for seq in p.expire:
                 e = self._pop(seq)
@@ -391,8 +410,10 @@ class Batcher:
         if not self._scheduled:
             self._drive()
 
-    def _call(self, items: list[Any]) -> list[Any]:
+    def _call(self, items: list[Any]) -> list[Any] | Deferred:
         results = self.run_batch(items)
+        if isinstance(results, Deferred):
+            return results
         if len(results) != len(items):
             raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} requests")
         return results
@@ -414,8 +435,43 @@ class Batcher:
                 _settle(e.future, exc=exc)
             return
         self.cost.observe(n, tokens, self.clock.now_us() - t0)
-        for e, r in zip(entries, results, strict=True):
-            _settle(e.future, result=r)
+        self._settle_all(entries, results)
+
+    def _settle_all(self, entries: list[_Entry], results: list[Any] | Deferred) -> None:
+        if not isinstance(results, Deferred):
+            for e, r in zip(entries, results, strict=True):
+                _settle(e.future, result=r)
+            return
+        self._deferred += 1
+        loop = self._loop
+        assert loop is not None
+
+        def resolved(df: concurrent.futures.Future) -> None:    # on whatever thread resolved it
+            try:
+                loop.call_soon_threadsafe(self._finish_deferred, entries, df)
+            except RuntimeError:        # the loop is closed: drain timed out and its callers were failed
+                pass
+
+        results.future.add_done_callback(resolved)
+
+    def _finish_deferred(self, entries: list[_Entry], df: concurrent.futures.Future) -> None:
+        self._deferred -= 1
+        exc = df.exception()
+        if exc is not None:
+            self._stats.failed += len(entries)
+            for e in entries:
+                _settle(e.future, exc=exc)
+        else:
+            res = df.result()
+            if len(res) != len(entries):
+                exc = RuntimeError(f"run_batch returned {len(res)} results for {len(entries)} requests")
+                for e in entries:
+                    _settle(e.future, exc=exc)
+            else:
+                for e, r in zip(entries, res, strict=True):
+                    _settle(e.future, result=r)
+        if self._closing:
+            self._kick()
 
     def _start_thread(self, entries: list[_Entry]) -> None:
         """Hand one batch to the executor; its completion comes back through call_soon_threadsafe."""
@@ -444,8 +500,7 @@ class Batcher:
                 _settle(e.future, exc=exc)
         else:
             self.cost.observe(n, tokens, self.clock.now_us() - t0)
-            for e, r in zip(entries, f.result(), strict=True):
-                _settle(e.future, result=r)
+            self._settle_all(entries, f.result())
         self._kick()
 
     def _fail_all(self, exc: BaseException) -> None:

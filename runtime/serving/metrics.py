@@ -95,6 +95,14 @@ METRIC_NAMES: dict[str, str] = {
     "uwrt_drift_outcome_share": "gauge",
     "uwrt_drift_expected_outcome_share": "gauge",
 }
+#: only when the feature is on: decision records (records_dir), the challenger (shadow_bundle)
+CONDITIONAL_METRIC_NAMES: dict[str, str] = {
+    "uwrt_records_written_total": "counter",
+    "uwrt_records_fsyncs_total": "counter",
+    "uwrt_records_write_failures_total": "counter",
+    "uwrt_shadow_decisions_total": "counter",
+    "uwrt_shadow_score_abs_diff": "histogram",
+}
 #: only with several workers (the supervisor's own)
 SUPERVISOR_METRIC_NAMES: dict[str, str] = {"uwrt_workers": "gauge", "uwrt_worker_restarts_total": "counter",
                                            "uwrt_worker_cpu_seconds_total": "counter"}
@@ -274,6 +282,19 @@ class ServerMetrics:
                                      ["outcome"], registry=reg)
             self.drift_expected_share = Gauge("uwrt_drift_expected_outcome_share", "Outcome shares of the "
                                               "development sample", ["outcome"], registry=reg)
+
+        # decision records and the challenger (created always, exported once they have a sample)
+        self.records_written = Counter("uwrt_records_written", "Decision records written to the decision log",
+                                       registry=reg)
+        self.records_fsyncs = Counter("uwrt_records_fsyncs", "fdatasync calls of the decision log", registry=reg)
+        self.records_failures = Counter("uwrt_records_write_failures", "Decision log writes that failed",
+                                        registry=reg)
+        self.shadow_decisions = Counter("uwrt_shadow_decisions", "Requests the challenger (shadow) bundle scored, by "
+                                        "the champion's and the challenger's outcome", ["champion", "challenger"],
+                                        registry=reg)
+        self.shadow_score_diff = Histogram("uwrt_shadow_score_abs_diff", "|challenger score - champion score| per "
+                                           "shadow-scored request (score points)",
+                                           buckets=(0.5, 1, 2, 5, 10, 20, 50, 100), registry=reg)
 
         self._rpc: dict[tuple[str, str], FastHistogram] = {}
         self._rpc_lock = threading.Lock()

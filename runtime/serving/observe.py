@@ -87,6 +87,7 @@ class Observer:
                     self.drift_status = (f"on: {len(self.stats.variables)} variables, window {cfg.drift_window_s:g}s / "
                                          f"{cfg.drift_window_n} decisions, development sample n={self.stats.n}")
         self._report: dict[str, Any] | None = None
+        self._audit: Any = None
         self._drift_pending: list[tuple[np.ndarray, list[float], list[Any], float]] = []
         self._deltas: dict[str, Any] = {}
         self._stop = threading.Event()
@@ -157,6 +158,81 @@ class Observer:
             self.cache.put_batch(batch.request_ids, rows, responses)
         if self.tracing is not None:
             self.tracing.on_batch(responses, times)
+
+    # ------------------------------------------------------------------ hot reload, records, shadow
+
+    def swap(self, old: Pipeline, new: Pipeline) -> None:
+        """Hot reload (ServingRuntime.swap, on the loop): observe `new` from its first batch. The
+        bundle info series switches, the drift window restarts on the new bundle's monitoring.json
+        (another model's scores are not comparable), and the runtime counters count the new
+        pipeline's from now. The batch still running on `old` is not observed."""
+        old.on_batch = None
+        self.pipe = new
+        self.n_tabular = sum(f.source != "embedding" for f in new.schema.features)
+        if self.active:
+            new.on_batch = self.on_batch
+        m = self.m
+        if m is None:
+            return
+        self._drift_pending = []
+        self.window, self.stats, self._report = None, None, None
+        try:
+            self.stats = load_stats(new.bundle)
+        except BundleError as e:
+            log.error("drift monitoring off after reload: %s", e)
+            self.drift_status = f"off: {e}"
+        else:
+            if self.stats is None:
+                self.drift_status = "off: the reloaded bundle has no monitoring.json"
+            else:
+                self.window = DriftWindow(self.stats, capacity=self.cfg.drift_window_n,
+                                          window_s=self.cfg.drift_window_s)
+                self.drift_status = (f"on: {len(self.stats.variables)} variables (reloaded bundle), window "
+                                     f"{self.cfg.drift_window_s:g}s / {self.cfg.drift_window_n} decisions")
+        m.bundle_info.clear()
+        m.drift_bins.clear()
+        self._init_metrics()
+        d = self._deltas
+        enc = new.encoder_stats()
+        d["enc_fail"].last = float(enc.get("primary_failures", 0) or 0)       # type: ignore[arg-type]
+        d["enc_fb"].last = float(enc.get("fallback_batches", 0) or 0)         # type: ignore[arg-type]
+        d["reasons_fb"].last = float(getattr(new.explainer, "fallbacks", 0))
+        d["paths"] = {}
+        trees_stats = getattr(new.trees, "stats", None)
+        if callable(trees_stats):
+            ts = trees_stats()
+            for path, n in ts.get("calls", {}).items():
+                d["paths"][path] = m.delta(m.tree_path.labels(path), float(n))
+            d["tree_fb"].last = float(ts.get("fallbacks", 0))
+        else:
+            d["batches0"] = float(self.batcher.stats()["batches"])
+
+    def attach_audit(self, audit: Any) -> None:
+        """Decision records (runtime/serving/audit.py): records written, fsyncs and write failures
+        as counters, from its running totals at each sync."""
+        m = self.m
+        if m is None:
+            return
+        s = audit.stats()
+        self._audit = audit
+        self._deltas["records"] = m.delta(m.records_written, float(s.get("records", 0)))
+        self._deltas["fsyncs"] = m.delta(m.records_fsyncs, float(s.get("fsyncs", 0)))
+        self._deltas["rec_fail"] = m.delta(m.records_failures, float(s.get("failures", 0)))
+
+    def attach_shadow(self, shadow: Any) -> None:
+        """The challenger (runtime/serving/shadow.py) reports through its metrics hook: outcome
+        agreement counts and the |score difference| histogram (its own thread, off the hot path)."""
+        m = self.m
+        if m is None:
+            return
+
+        def hook(name: str, labels: str, value: float) -> None:
+            if name == "uwrt_shadow_decisions_total":
+                kv = dict(x.split("=", 1) for x in labels.split(",") if x)
+                m.shadow_decisions.labels(kv.get("champion", ""), kv.get("challenger", "")).inc(value)
+            elif name == "uwrt_shadow_score_abs_diff":
+                m.shadow_score_diff.observe(value)
+        shadow.metrics_hook = hook
 
     # ------------------------------------------------------------------ sync
 
@@ -238,6 +314,12 @@ class Observer:
                 d["paths"][name] = m.delta(m.tree_path.labels(name))
             d["paths"][name].to(s["batches"] - d.get("batches0", 0.0))
         d["reasons_fb"].to(getattr(self.pipe.explainer, "fallbacks", 0))
+        audit = self._audit
+        if audit is not None:
+            a = audit.stats()
+            d["records"].to(float(a.get("records", 0)))
+            d["fsyncs"].to(float(a.get("fsyncs", 0)))
+            d["rec_fail"].to(float(a.get("failures", 0)))
         m.explain_cache.set(len(self.cache) if self.cache is not None else 0)
         now = time.monotonic()
         if self.window is not None:

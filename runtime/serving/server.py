@@ -31,10 +31,12 @@ import asyncio
 import concurrent.futures
 import functools
 import gc
+import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,12 +45,16 @@ from grpc_reflection.v1alpha import reflection
 from uwrt.runtime.config import RuntimeConfig, pow2_buckets
 from uwrt.runtime.errors import InvalidRequest, UwrtError
 from uwrt.runtime.featurize import Limits
-from uwrt.runtime.pb import pb, pb_grpc
+from uwrt.runtime.pb import admin_grpc, pb, pb_grpc, rec
 from uwrt.runtime.pipeline import Pipeline, StageTimes
+from uwrt.runtime.serving.admin import ADMIN_SERVICE_NAME, AdminService
+from uwrt.runtime.serving.audit import Audit, AuditItem, ClaimBusy, WaitForClaim, open_audit
 from uwrt.runtime.serving.batcher import Batcher, MonotonicClock, _Entry
 from uwrt.runtime.serving.explain import ExplainService
 from uwrt.runtime.serving.observe import Observer
 from uwrt.runtime.serving.ports import PortUnavailable, format_address
+from uwrt.runtime.serving.reload import LocalReloader
+from uwrt.runtime.serving.shadow import attach_shadow
 from uwrt.runtime.serving.warmup import warmup_batches
 from uwrt.runtime.serving.workers import worker_settings
 
@@ -56,6 +62,16 @@ log = logging.getLogger("uwrt.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Underwriting"].full_name
 MAX_GRPC_MESSAGE_BYTES = 64 << 20    # transport cap; our own max_request_bytes check is stricter and names the field
+
+
+def json_value(v: object) -> str:
+    """A GetModelInfo settings value as JSON text, so any language parses it the same way:
+    `32`, `true`, `[8,32,128]`, `"cpu"` (strings quoted), `null`. numpy scalars become numbers;
+    anything else JSON cannot hold is sent as its string."""
+    def default(o: object) -> object:
+        item = getattr(o, "item", None)            # numpy scalars
+        return item() if callable(item) else str(o)
+    return json.dumps(v, separators=(",", ":"), sort_keys=True, default=default)
 
 
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -85,7 +101,7 @@ class ServingRuntime:
                                tokens_of=self._tokens_of)
         self.batch_sizes: list[int] = []     # recent batch sizes, for tests and GetModelInfo
         #: extra GetModelInfo settings (the worker process and the supervisor's view of all workers)
-        self.info_sources: list[Callable[[], Mapping[str, str]]] = []
+        self.info_sources: list[Callable[[], Mapping[str, Any]]] = []
         self.gc_stats = _GcStats()
         self._gc_before: tuple[int, int, int] | None = None
         # observability (runtime/serving/observe.py: metrics, drift, tracing) and Explain
@@ -93,15 +109,21 @@ class ServingRuntime:
         self.explain = ExplainService(pipeline, self.obs.cache, timeout_s=cfg.explain_timeout_s,
                                       max_queue=cfg.explain_max_queue, model_executor=self.executor)
         self.info_sources += [self.obs.info, self.explain.info]
+        #: decision records and idempotency (runtime/serving/audit.py); None when records_dir is empty
+        self.audit: Audit | None = None
 
-    def _tokens_of(self, req: pb.DecisionRequest) -> int:
+    def _tokens_of(self, req: pb.DecisionRequest | AuditItem) -> int:
+        if isinstance(req, AuditItem):
+            req = req.req
         return max(1, min(len(req.history.type), self.max_history))
 
-    def _run_batch(self, reqs: list[pb.DecisionRequest]) -> list:
+    def _run_batch(self, reqs: list) -> list:
         """Runs on the worker thread (or the loop's, inline)."""
         self.batch_sizes.append(len(reqs))
         if len(self.batch_sizes) > 2000:
             del self.batch_sizes[:-1000]
+        if self.audit is not None:        # records + idempotency: results come once the records are durable
+            return self.audit.run_batch(self.pipeline, reqs, self.profile)  # type: ignore[return-value]
         return self.pipeline.decide(reqs, StageTimes())
 
     async def start(self) -> None:
@@ -119,44 +141,61 @@ class ServingRuntime:
         log.info("gc after warm-up: %s, thresholds %s, %d objects frozen", self.cfg.gc_after_warmup,
                  gc.get_threshold(), gc.get_freeze_count())
 
-    def warm_up(self, passes: int = 2) -> list[tuple[int, int, float]]:
-        """Run every batch shape the batcher can form (blocking; before reporting SERVING).
+    def warm_up(self, passes: int = 2, pipeline: Pipeline | None = None) -> list[tuple[int, int, float]]:
+        """Run every batch shape the batcher can form (blocking; before reporting SERVING), on
+        the serving pipeline or on `pipeline` (a hot reload's new one, runtime/serving/reload.py).
 
         Returns (batch size, tokens, microseconds) of the passes after the first (cold) one, to
         calibrate the batcher's cost model before the first real request. An encoder with its own
         `warmup` (the GPU path: CUDA-graph capture for every bucket) runs it first."""
-        enc_warmup = getattr(self.pipeline.encoder, "warmup", None)
+        pipe = pipeline or self.pipeline
+        max_history = pipe.encoder_config.max_history
+        enc_warmup = getattr(pipe.encoder, "warmup", None)
         if callable(enc_warmup):
             t0 = time.perf_counter()
             enc_warmup()
-            log.info("encoder %s warm-up in %.1fs", self.pipeline.encoder.name, time.perf_counter() - t0)
+            log.info("encoder %s warm-up in %.1fs", pipe.encoder.name, time.perf_counter() - t0)
         timings = []
-        batches = list(warmup_batches(self.pipeline.schema, self.max_history, self.cfg.batching))
+        batches = list(warmup_batches(pipe.schema, max_history, self.cfg.batching))
         for p in range(passes):
             if p == 1:      # after the cold pass: time the tree paths per batch size on this machine
                 t0 = time.perf_counter()
-                self.pipeline.calibrate_trees(batches, batch_sizes=pow2_buckets(self.cfg.batching.max_batch_size))
-                log.info("tree stage %s calibrated in %.1fs: %s", self.pipeline.trees.name, time.perf_counter() - t0,
-                         self.pipeline.tree_stats())
+                pipe.calibrate_trees(batches, batch_sizes=pow2_buckets(self.cfg.batching.max_batch_size))
+                log.info("tree stage %s calibrated in %.1fs: %s", pipe.trees.name, time.perf_counter() - t0,
+                         pipe.tree_stats())
             for batch in batches:
                 t0 = time.perf_counter_ns()
-                res = self.pipeline.decide(batch)
+                res = pipe.decide(batch)
                 us = (time.perf_counter_ns() - t0) / 1000
                 bad = [r for r in res if isinstance(r, InvalidRequest)]
                 if bad:
                     raise RuntimeError(f"warm-up request rejected: {bad[0]}")
                 if p:
-                    timings.append((len(batch), sum(self._tokens_of(r) for r in batch), us))
+                    timings.append((len(batch), sum(max(1, min(len(r.history.type), max_history)) for r in batch),
+                                    us))
         return timings
 
-    def enqueue(self, req: pb.DecisionRequest, time_remaining_s: float | None) -> _Entry:
+    def swap(self, pipeline: Pipeline, timings: list[tuple[int, int, float]]) -> Pipeline:
+        """Serve `pipeline` from the next batch on (call on the event loop; the batch running now
+        finishes on the old one, which is returned). `timings`: its warm-up, for the cost model."""
+        old = self.pipeline
+        self.pipeline = pipeline
+        self.max_history = pipeline.encoder_config.max_history
+        self.obs.swap(old, pipeline)          # metrics hook, bundle info and drift baseline of the new bundle
+        self.explain.pipe = pipeline
+        for n, tokens, us in timings:
+            self.batcher.cost.observe(n, tokens, us)
+        return old
+
+    def enqueue(self, req: pb.DecisionRequest | AuditItem, time_remaining_s: float | None) -> _Entry:
         """Check the size and queue the request (raises at once when it is refused); the entry's
         future resolves to the pipeline's result. `finish` turns it into the response."""
-        size = req.ByteSize()
+        msg = req.req if isinstance(req, AuditItem) else req
+        size = msg.ByteSize()
         if size > self.cfg.max_request_bytes:
             raise InvalidRequest("request", f"{size} bytes exceeds the limit of {self.cfg.max_request_bytes}")
         deadline_us = None if time_remaining_s is None else self.clock.now_us() + int(time_remaining_s * 1e6)
-        return self.batcher.enqueue(req, priority=req.priority, deadline_us=deadline_us)
+        return self.batcher.enqueue(req, priority=msg.priority, deadline_us=deadline_us)
 
     @staticmethod
     def finish(result: object, queue_us: int, t0_ns: int) -> pb.DecisionResponse:
@@ -169,7 +208,10 @@ class ServingRuntime:
         tm.total_us = (time.perf_counter_ns() - t0_ns) // 1000
         return result
 
-    async def decide(self, req: pb.DecisionRequest, *, time_remaining_s: float | None) -> pb.DecisionResponse:
+    async def decide(self, req: pb.DecisionRequest, *, time_remaining_s: float | None,
+                     rpc: int = rec.RPC_DECIDE) -> pb.DecisionResponse:
+        if self.audit is not None:
+            return await self._decide_recorded(req, time_remaining_s, rpc)
         t0 = time.perf_counter_ns()
         entry = self.enqueue(req, time_remaining_s)
         try:
@@ -178,6 +220,42 @@ class ServingRuntime:
             self.batcher.cancel(entry)
             raise
         return self.finish(result, entry.queue_us, t0)
+
+    async def _decide_recorded(self, req: pb.DecisionRequest, time_remaining_s: float | None,
+                               rpc: int) -> pb.DecisionResponse:
+        """`decide` with records on: every answer, error or decision, is recorded before it goes
+        out; a request whose id another request is deciding waits for that one (runtime/serving/audit.py)."""
+        audit = self.audit
+        assert audit is not None
+        item = AuditItem(req, time.perf_counter_ns(), time.time_ns(), rpc)
+        end_s = None if time_remaining_s is None else time.monotonic() + time_remaining_s
+        for _ in range(3):
+            left = None if end_s is None else end_s - time.monotonic()
+            try:
+                entry = self.enqueue(item, left)
+            except Exception as e:
+                await audit.record_error(item, e)
+                raise
+            try:
+                result = await entry.future
+            except asyncio.CancelledError:
+                self.batcher.cancel(entry)
+                audit.record_error(item, asyncio.CancelledError())
+                raise
+            except Exception as e:
+                await audit.record_error(item, e)
+                raise
+            if isinstance(result, WaitForClaim):
+                resp = await audit.wait_claim(item, result, None if end_s is None else end_s - time.monotonic())
+                if resp is None:      # the other request's claim was released (it failed): decide this one
+                    continue
+                return resp
+            if isinstance(result, BaseException):
+                raise result          # recorded with its batch
+            return result
+        busy = ClaimBusy(f"request_id {req.request_id!r}: claims kept being released; retry")
+        await audit.record_error(item, busy)
+        raise busy
 
     def model_info(self) -> pb.ModelInfo:
         b = self.pipeline.bundle
@@ -191,17 +269,21 @@ class ServingRuntime:
         info.policy.CopyFrom(pb.PolicyInfo(version=p.version, approve_max_pd=p.approve_max_pd,
                                            counteroffer_max_pd=p.counteroffer_max_pd, review_max_pd=p.review_max_pd,
                                            counteroffer_amount_ratio=p.counteroffer_amount_ratio))
-        info.settings.update(self.cfg.flat())
+        settings: dict[str, object] = dict(self.cfg.flat())
         sections: tuple[tuple[str, Mapping[str, object]], ...] = (
             ("stats", self.batcher.stats()), ("encoder", self.pipeline.encoder_stats()),
             ("trees", self.pipeline.tree_stats()))
         for prefix, stats in sections:
             for k, v in stats.items():
-                info.settings[f"{prefix}.{k}"] = str(v)
+                settings[f"{prefix}.{k}"] = v
+        if self.audit is not None:
+            for k, v in self.audit.stats().items():
+                settings[f"records.{k}"] = v
         if self.profile_reason:
-            info.settings["profile.reason"] = self.profile_reason
+            settings["profile.reason"] = self.profile_reason
         for source in self.info_sources:
-            info.settings.update(source())
+            settings.update(source())
+        info.settings.update({k: json_value(v) for k, v in settings.items()})   # every value is JSON text
         return info
 
     async def drain(self, grace_s: float) -> bool:
@@ -248,6 +330,16 @@ class _GcStats:
         return " ".join(f"gen{g}={self.count[g]} ({self.ns[g] / 1e6:.1f} ms)" for g in range(3))
 
 
+def _error_response(req: pb.DecisionRequest, e: Exception) -> pb.DecisionResponse:
+    """DecideStream's in-band error for a request."""
+    code, msg = _status_of(e)
+    resp = pb.DecisionResponse(request_id=req.request_id)
+    resp.error.code, resp.error.message = code.name, msg
+    if isinstance(e, InvalidRequest):
+        resp.error.field = e.field
+    return resp
+
+
 class UnderwritingService(pb_grpc.UnderwritingServicer):
     def __init__(self, rt: ServingRuntime) -> None:
         self.rt = rt
@@ -292,17 +384,14 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         go through one queue to this generator. When the stream ends early (client gone), the
         requests still queued are removed (never run)."""
         rt = self.rt
+        if rt.audit is not None:
+            async for resp in self._stream_recorded(request_iterator, context):
+                yield resp
+            return
         out: asyncio.Queue = asyncio.Queue()
         live: dict[int, _Entry] = {}
         reading = True
-
-        def error_response(req: pb.DecisionRequest, e: Exception) -> pb.DecisionResponse:
-            code, msg = _status_of(e)
-            resp = pb.DecisionResponse(request_id=req.request_id)
-            resp.error.code, resp.error.message = code.name, msg
-            if isinstance(e, InvalidRequest):
-                resp.error.field = e.field
-            return resp
+        error_response = _error_response
 
         def done(req: pb.DecisionRequest, entry: _Entry, t0: int, fut: asyncio.Future) -> None:
             live.pop(id(entry), None)
@@ -350,6 +439,54 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
             for entry in list(live.values()):
                 rt.batcher.cancel(entry)
 
+    async def _stream_recorded(self, request_iterator: AsyncIterator[pb.DecisionRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecisionResponse]:
+        """DecideStream with records on: a task per message runs `decide` (records, idempotency,
+        waiting for a claim), its response or in-band error goes to the stream when recorded."""
+        rt = self.rt
+        out: asyncio.Queue = asyncio.Queue()
+        live: set[asyncio.Task] = set()
+        reading = True
+
+        async def one(req: pb.DecisionRequest) -> None:
+            try:
+                resp = await rt.decide(req, time_remaining_s=context.time_remaining(), rpc=rec.RPC_DECIDE_STREAM)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - in-band, never a broken stream
+                resp = _error_response(req, e)
+            out.put_nowait(resp)
+
+        def done(task: asyncio.Task) -> None:
+            live.discard(task)
+            if not reading and not live:
+                out.put_nowait(None)
+
+        async def reader() -> None:
+            nonlocal reading
+            try:
+                async for req in request_iterator:
+                    task = asyncio.ensure_future(one(req))
+                    live.add(task)
+                    task.add_done_callback(done)
+            finally:
+                reading = False
+                if not live:
+                    out.put_nowait(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    break
+                yield item
+            await read_task
+        finally:
+            read_task.cancel()
+            for task in list(live):
+                task.cancel()
+
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         t0 = time.perf_counter_ns()
         info = self.rt.model_info()
@@ -361,12 +498,21 @@ class Server:
     """A running decision server. `await start()`, then `await stop()` (or run `serve()`)."""
 
     def __init__(self, pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu",
-                 profile_reason: str = "", reuse_port: bool = False, bind: bool = True) -> None:
+                 profile_reason: str = "", reuse_port: bool = False, bind: bool = True, writer_index: int = 0,
+                 recover_all: bool = True, bundle_path: str = "") -> None:
         """`reuse_port`: SO_REUSEPORT on the listener (only for the workers of one supervisor,
         which holds the port; off otherwise, so an occupied port fails). `bind`: bind cfg.host:cfg.port
-        now (raises PortUnavailable); False = bind in start(), after the warm-up."""
+        now (raises PortUnavailable); False = bind in start(), after the warm-up. With records_dir:
+        this process writes decision records as writer `writer_index`, after recovering what a
+        previous process left (every writer's directory when `recover_all`: a single server)."""
         self.cfg = cfg
         self.rt = ServingRuntime(pipeline, cfg, profile=profile, profile_reason=profile_reason)
+        self.rt.audit = open_audit(cfg, writer_index, recover_all=recover_all)
+        if self.rt.audit is not None:
+            self.rt.obs.attach_audit(self.rt.audit)
+        self.shadow = attach_shadow(self.rt, cfg, build_pipeline)     # the challenger (runtime/serving/shadow.py)
+        if self.shadow is not None:
+            self.rt.obs.attach_shadow(self.shadow)
         self.health = health.aio.HealthServicer()
         opts = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
@@ -374,9 +520,16 @@ class Server:
         self.grpc = grpc.aio.server(options=opts)
         pb_grpc.add_UnderwritingServicer_to_server(UnderwritingService(self.rt), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc)
+        # hot reload (runtime/serving/reload.py): SIGHUP / Admin.Reload; a worker replaces
+        # reload_fn with a request to its supervisor, which reloads every worker together
+        self.reloader = LocalReloader(self.rt, bundle_path or cfg.bundle, build_pipeline)
+        self.reload_fn: Callable[[str, str], Awaitable[Any]] = self.reloader.reload
+        self.rt.info_sources.append(lambda: {f"reload.{k}": v for k, v in self.reloader.stats().items()})
+        services = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        if cfg.admin_enabled:
+            admin_grpc.add_AdminServicer_to_server(AdminService(lambda b, d: self.reload_fn(b, d)), self.grpc)
+            services.append(ADMIN_SERVICE_NAME)
+        reflection.enable_server_reflection(tuple(services), self.grpc)
         self.port: int = 0           # the bound port; 0 until bound
         self._warm = False
         self._stopped = asyncio.Event()
@@ -430,18 +583,37 @@ class Server:
                  self.rt.pipeline.identity.bundle_digest[:12], self.rt.profile, self.rt.pipeline.encoder.name,
                  self.rt.pipeline.trees.name, " (DEGRADED)" if self.rt.pipeline.degraded else "")
 
-    async def stop(self, grace_s: float | None = None) -> bool:
-        """Graceful: NOT_SERVING, refuse new RPCs, finish accepted ones within the grace period.
-        True when all of them finished in time."""
+    async def stop(self, grace_s: float | None = None, *, drain_delay_s: float | None = None) -> bool:
+        """Graceful, in this order:
+
+        1. health NOT_SERVING (every service), so balancers and health-checking clients stop
+           sending here;
+        2. keep serving for `drain_delay_s` (knob), the time a balancer needs to notice step 1;
+        3. the batcher stops waiting for company (every queued request runs as soon as it can)
+           but keeps accepting: calls gRPC has already accepted are decided, never refused;
+        4. gRPC refuses new RPCs (UNAVAILABLE) and waits up to `grace_s` for the accepted ones;
+        5. the batcher closes (anything still queued or running then is failed).
+
+        True when every accepted request finished within the grace period."""
         grace = self.cfg.grace_s if grace_s is None else grace_s
+        delay = self.cfg.drain_delay_s if drain_delay_s is None else drain_delay_s
         await self.health.enter_graceful_shutdown()
-        log.info("shutting down: draining for up to %.1fs", grace)
+        if delay > 0:
+            log.info("shutting down: NOT_SERVING; still serving for %.1fs (drain_delay_s) while balancers notice",
+                     delay)
+            await asyncio.sleep(delay)
+        log.info("shutting down: refusing new RPCs, draining for up to %.1fs", grace)
         t0 = time.monotonic()
-        # grpc refuses new RPCs with UNAVAILABLE as soon as stop() begins; the handlers already
-        # running keep awaiting the batcher, which finishes every queued request.
-        stop_task = asyncio.create_task(self.grpc.stop(grace))
-        ok = await self.rt.drain(grace)
-        await stop_task
+        batcher = self.rt.batcher
+        cancelled = batcher.stats()["cancelled"]
+        batcher.flush()
+        await self.grpc.stop(grace)      # cancels the handlers still running when grace runs out
+        cut = batcher.stats()["cancelled"] > cancelled and time.monotonic() - t0 >= grace
+        ok = await self.rt.drain(max(0.0, grace - (time.monotonic() - t0))) and not cut
+        if self.shadow is not None:
+            await asyncio.to_thread(self.shadow.close)
+        if self.rt.audit is not None:       # every answer recorded: seal the open segment
+            await asyncio.to_thread(self.rt.audit.close)
         log.log(logging.INFO if ok else logging.ERROR, "stopped after %.2fs%s", time.monotonic() - t0,
                 "" if ok else ": requests still queued or running after the grace period were failed")
         self._stopped.set()
@@ -452,16 +624,24 @@ class Server:
 
 
 async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu", profile_reason: str = "",
-                pinned_cpu: int | None = None) -> int:
+                pinned_cpu: int | None = None, bundle_path: str = "") -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (0 after a clean drain, 6 when requests were
     still queued or running when grace_s ran out). One process on an
     exclusive port (raises PortUnavailable when it is taken); `pinned_cpu` is reported in GetModelInfo."""
-    server = Server(pipeline, cfg, profile=profile, profile_reason=profile_reason)
+    server = Server(pipeline, cfg, profile=profile, profile_reason=profile_reason, bundle_path=bundle_path)
     server.rt.info_sources.append(lambda: worker_settings(index=0, count=1, cpu=pinned_cpu))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Future] = set()
+
+    def on_hup() -> None:         # hot reload of the configured bundle path (runtime/serving/reload.py)
+        log.info("SIGHUP: reloading %s", server.reloader.default_bundle)
+        f = asyncio.ensure_future(server.reloader.reload())
+        reloads.add(f)
+        f.add_done_callback(reloads.discard)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     http = None
     if cfg.metrics_port:      # /metrics from its own thread (runtime/serving/metrics.py)
         from uwrt.runtime.serving.metrics import single_process_endpoint

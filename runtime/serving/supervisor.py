@@ -52,6 +52,7 @@ from typing import Any
 
 from uwrt.runtime.config import RuntimeConfig
 from uwrt.runtime.serving.ports import Reservation
+from uwrt.runtime.serving.reload import ReloadRound
 from uwrt.runtime.serving.workers import THREAD_ENV, WorkerPlan, digest_matches, pinned_config, write_status
 
 __all__ = ["Supervisor", "serve_workers", "expected_digest", "EXIT_BUNDLE", "EXIT_PORT", "EXIT_START", "EXIT_UNDRAINED"]
@@ -122,6 +123,11 @@ class Supervisor:
                  profile_reason: str, expected: tuple[str, str], log_level: int = logging.INFO) -> None:
         self.cfg = cfg
         self.bundle = os.path.realpath(bundle)      # every worker, restarts included, loads the same directory
+        self.bundle_arg = bundle                    # as given: SIGHUP re-resolves it (a flipped symlink)
+        self.reload: ReloadRound | None = None      # a hot reload in progress (runtime/serving/reload.py)
+        self._reload_seq = 0
+        self.reloads = 0
+        self.reload_last = ""
         self.plan = plan
         self.res = reservation
         self.profile_reason = profile_reason
@@ -157,7 +163,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Start every worker, serve until SIGTERM/SIGINT, drain. Returns the process exit code."""
-        old = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+        old = {s: signal.signal(s, lambda *_: None)
+               for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)}
         old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         try:
             log.info("starting %s on %s; bundle %s, digest %s (from %s)", self.plan.describe(), self.res.address,
@@ -165,6 +172,7 @@ class Supervisor:
             if self.metrics is not None:
                 self.metrics.start()
             self._publish()
+            self._recover_records(None)      # every writer directory, before any worker writes
             for w in self.workers:
                 self._spawn(w)
             code = self._start()
@@ -225,6 +233,7 @@ class Supervisor:
                     self.restarts += 1
                     self._spawn(w)
             self._check_start_timeouts()
+            self._reload_step()
 
     def _stop(self) -> int:
         """Drain serving workers (SIGTERM), kill starting ones; exit code 0 or EXIT_UNDRAINED."""
@@ -282,6 +291,8 @@ class Supervisor:
                 except BlockingIOError:
                     data = b""
                 stops += [s for s in data if s in (signal.SIGTERM, signal.SIGINT)]
+                if signal.SIGHUP in data and self.phase == "serving":
+                    self._start_reload("", "", None)
             else:
                 self._read_status(key.data)
         for w in self.workers:
@@ -340,7 +351,85 @@ class Supervisor:
         elif kind == "error":
             w.error = str(ev.get("message", ""))
             log.error("%s failed to start: %s", w.tag(), w.error)
+        elif kind == "reload_request":
+            self._start_reload(str(ev.get("bundle", "")), str(ev.get("expected", "")), (w.index, int(ev["id"])))
+        elif kind in ("prepared", "prepare_failed", "committed"):
+            self._reload_event(w, kind, ev)
         self._publish()
+
+    # ------------------------------------------------------------------ hot reload
+
+    def _start_reload(self, bundle: str, expected: str, requester: tuple[int, int] | None) -> None:
+        """Two-phase reload of every serving worker: prepare (each loads, compiles, warms and
+        parity-checks the bundle in the background), then commit only when all prepared the
+        same digest; otherwise abort: nothing switches."""
+        if self.reload is not None:
+            self._reload_reply(requester, False, f"reload {self.reload.rid} is in progress")
+            return
+        path = os.path.realpath(bundle or self.bundle_arg)
+        serving = {w.index for w in self.workers if w.state == "serving"}
+        if not serving:
+            self._reload_reply(requester, False, "no worker is serving")
+            return
+        self._reload_seq += 1
+        self.reload = ReloadRound(self._reload_seq, path, expected, serving, requester)
+        log.info("reload %d: preparing %s on workers %s", self._reload_seq, path, sorted(serving))
+        for w in self.workers:
+            if w.index in serving:
+                self._send(w, {"cmd": "prepare", "id": self._reload_seq, "bundle": path, "expected": expected})
+
+    def _reload_event(self, w: _Worker, kind: str, ev: dict[str, Any]) -> None:
+        r = self.reload
+        if r is None or int(ev.get("id", -1)) != r.rid:
+            return
+        if kind == "prepared":
+            r.on_prepared(w.index, str(ev.get("digest", "")), str(ev.get("bundle_id", "")))
+        elif kind == "prepare_failed":
+            r.on_failed(w.index, str(ev.get("reason", "")))
+        elif kind == "committed":
+            r.committed.add(w.index)
+        self._reload_step()
+
+    def _reload_step(self) -> None:
+        r = self.reload
+        if r is None:
+            return
+        if r.phase == "prepare" and time.monotonic() - r.started > self.cfg.worker_start_timeout_s:
+            for i in r.workers - set(r.prepared) - set(r.failed):
+                r.on_failed(i, f"not prepared within worker_start_timeout_s = {self.cfg.worker_start_timeout_s:g}s")
+        what = r.decide()
+        if what == "commit":
+            # from now on this is the bundle: a worker (re)started later loads it and is checked against it
+            self.bundle, self.digest = r.bundle, r.digest
+            self.digest_source = f"reload {r.rid} of {r.bundle}"
+            for w in self.workers:
+                if w.index in r.workers:
+                    self._send(w, {"cmd": "commit", "id": r.rid})
+        elif what == "abort":
+            for w in self.workers:
+                if w.index in r.prepared:
+                    self._send(w, {"cmd": "abort", "id": r.rid, "why": r.message})
+            log.error("reload %d of %s refused: %s; still serving %s", r.rid, r.bundle, r.message, self.digest[:12])
+            self.reload_last = f"refused {r.bundle}: {r.message}"
+            self._reload_reply(r.requester, False, r.message)
+            self.reload = None
+            return
+        if r.phase == "commit" and r.workers <= r.committed:
+            self.reloads += 1
+            self.reload_last = f"serving {r.bundle_id} ({r.digest[:12]}) from {r.bundle}"
+            log.info("reload %d: every worker serves bundle %s (%s) from %s", r.rid, r.bundle_id, r.digest[:12],
+                     r.bundle)
+            self._reload_reply(r.requester, True, self.reload_last, r)
+            self.reload = None
+
+    def _reload_reply(self, requester: tuple[int, int] | None, ok: bool, message: str,
+                      r: ReloadRound | None = None) -> None:
+        if requester is None:
+            return
+        w = self.workers[requester[0]]
+        self._send(w, {"cmd": "reload_result", "id": requester[1], "ok": ok, "message": message,
+                       "digest": r.digest if r else "", "bundle_id": r.bundle_id if r else "",
+                       "workers": len(r.workers) if r else 0})
 
     def _reaped(self, w: _Worker) -> None:
         """`w.proc` has exited: record it, then fail start-up, restart, or just note it (draining)."""
@@ -381,7 +470,35 @@ class Supervisor:
             log.error("worker %d (pid %d, cpu %s) exited: %s%s; restarting in %.1fs (failure %d in a row, "
                       "%d restarts so far)", w.index, pid, w.cpu, w.last_exit, why, delay, w.failures, w.restarts)
         w.proc, w.why, w.serving_since = None, "", None
+        self._recover_records([w.index])
+        r = self.reload
+        if r is not None and w.index in r.workers:
+            if r.phase == "prepare" and w.index not in r.prepared:
+                r.on_failed(w.index, f"exited during the reload ({w.last_exit})")
+            elif r.phase == "commit":
+                r.committed.add(w.index)       # it restarts on the new bundle (self.bundle)
+            self._reload_step()
         self._publish()
+
+    def _recover_records(self, only: list[int] | None) -> None:
+        """With records_dir: seal what dead workers left in their log directories, index their
+        durable decisions and drop their claims (runtime/records/recover.py), so requests with
+        the same ids on the other workers stop waiting for a dead owner at once."""
+        if not self.cfg.records_dir:
+            return
+        from uwrt.runtime.records.index import IdempotencyIndex
+        from uwrt.runtime.records.recover import index_path, recover
+        try:
+            os.makedirs(self.cfg.records_dir, exist_ok=True)
+            index = None
+            if self.cfg.idempotency_window_s > 0:
+                index = IdempotencyIndex(index_path(self.cfg.records_dir), window_s=self.cfg.idempotency_window_s,
+                                         owner=f"supervisor:{os.getpid()}")
+            recover(self.cfg.records_dir, index, only=only)
+            if index is not None:
+                index.close()
+        except Exception:  # noqa: BLE001 - the worker's own start-up recovers again and fails loudly if it cannot
+            log.exception("decision log %s: recovery failed", self.cfg.records_dir)
 
     def _check_start_timeouts(self) -> None:
         now = time.monotonic()
@@ -437,6 +554,7 @@ class Supervisor:
         write_status(self.status_file, {
             "supervisor_pid": os.getpid(), "address": self.res.address, "count": len(self.workers),
             "digest": self.digest, "restarts": self.restarts, "refused": self.refused, "phase": self.phase,
+            "bundle": self.bundle, "reloads": self.reloads, "reload_last": self.reload_last,
             "workers": [{"index": w.index, "pid": w.pid, "cpu": w.cpu, "state": w.state, "restarts": w.restarts,
                          "last_exit": w.last_exit} for w in self.workers]})
 

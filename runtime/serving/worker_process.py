@@ -117,7 +117,7 @@ async def _serve(spec: dict[str, Any], cfg, pipe, status: _Status, rest: bytes, 
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(ctl), os.fdopen(0, "rb", 0, closefd=False))
 
     server = Server(pipe, cfg, profile=spec["profile"], profile_reason=spec["profile_reason"], reuse_port=True,
-                    bind=False)
+                    bind=False, writer_index=index, recover_all=False, bundle_path=spec["bundle"])
     server.rt.info_sources.append(lambda: worker_settings(index=index, count=int(spec["count"]), cpu=cpu,
                                                           status_file=spec["status_file"]))
     try:
@@ -146,9 +146,67 @@ async def _serve(spec: dict[str, Any], cfg, pipe, status: _Status, rest: bytes, 
         return EXIT_BIND
     status.send("serving", port=server.port)
 
+    # hot reload (runtime/serving/reload.py): the supervisor's two-phase round over every worker
+    from uwrt.runtime.pb import admin_pb
+    from uwrt.runtime.serving.reload import ReloadRefused
+    prepared: dict[int, Any] = {}
+    asks: dict[int, asyncio.Future] = {}
+    tasks: set[asyncio.Future] = set()
+
+    async def do_prepare(msg: dict[str, Any]) -> None:
+        rid = int(msg["id"])
+        try:
+            p = await server.reloader.prepare(str(msg.get("bundle", "")), str(msg.get("expected", "")))
+        except ReloadRefused as e:
+            status.send("prepare_failed", id=rid, reason=str(e))
+            return
+        prepared[rid] = p
+        status.send("prepared", id=rid, digest=p.digest, bundle_id=p.pipeline.identity.bundle_id)
+
+    async def ask_supervisor(bundle: str, expected: str) -> admin_pb.ReloadResponse:
+        """Admin.Reload on this worker: the supervisor reloads every worker and answers."""
+        k = len(asks) + 1
+        fut = loop.create_future()
+        asks[k] = fut
+        status.send("reload_request", id=k, bundle=bundle, expected=expected)
+        try:
+            res = await asyncio.wait_for(fut, cfg.worker_start_timeout_s * 2)
+        except TimeoutError:
+            return admin_pb.ReloadResponse(ok=False, message="the supervisor did not answer the reload in time")
+        finally:
+            asks.pop(k, None)
+        return admin_pb.ReloadResponse(ok=bool(res.get("ok")), bundle_id=str(res.get("bundle_id", "")),
+                                       bundle_digest=str(res.get("digest", "")), message=str(res.get("message", "")),
+                                       workers=int(res.get("workers", 0)))
+
+    server.reload_fn = ask_supervisor
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+        "worker %d: SIGHUP ignored: send it to the supervisor (pid %d), which reloads every worker", index,
+        os.getppid()))
+
     async def watch_supervisor() -> None:
-        while await ctl.readline():
-            pass
+        while line := await ctl.readline():
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            cmd = msg.get("cmd")
+            if cmd == "prepare":
+                t = asyncio.ensure_future(do_prepare(msg))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            elif cmd == "commit":
+                p = prepared.pop(int(msg["id"]), None)
+                if p is not None:
+                    server.reloader.commit(p)
+                    status.send("committed", id=int(msg["id"]), digest=p.digest)
+            elif cmd == "abort":
+                if prepared.pop(int(msg["id"]), None) is not None:
+                    log.info("worker %d: reload %s aborted by the supervisor: %s", index, msg["id"], msg.get("why", ""))
+            elif cmd == "reload_result":
+                f = asks.get(int(msg["id"]))
+                if f is not None and not f.done():
+                    f.set_result(msg)
         log.warning("worker %d: the supervisor is gone (stdin closed): draining", index)
         stop.set()
 

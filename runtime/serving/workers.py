@@ -108,13 +108,13 @@ def read_status(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def worker_settings(*, index: int, count: int, cpu: int | None,
-                    status_file: str | os.PathLike | None = None) -> dict[str, str]:
+                    status_file: str | os.PathLike | None = None) -> dict[str, Any]:
     """GetModelInfo `settings` entries about the answering process (`workers.this.*`) and, under a
     supervisor, every worker as the supervisor last saw it (`workers.<i>.pid|cpu|state|restarts|
-    last_exit`, `workers.restarts` in all, `workers.refused` digest refusals)."""
-    out = {"workers.count": str(count), "workers.mode": "supervised" if status_file else "single",
-           "workers.this.index": str(index), "workers.this.pid": str(os.getpid()),
-           "workers.this.cpu": "none" if cpu is None else str(cpu)}
+    last_exit`, `workers.restarts` in all, `workers.refused` digest refusals). Values are plain
+    JSON-ready values (GetModelInfo sends each as JSON text; an unknown pid or cpu is null)."""
+    out: dict[str, Any] = {"workers.count": count, "workers.mode": "supervised" if status_file else "single",
+                           "workers.this.index": index, "workers.this.pid": os.getpid(), "workers.this.cpu": cpu}
     if status_file is None:
         return out
     try:
@@ -122,13 +122,14 @@ def worker_settings(*, index: int, count: int, cpu: int | None,
     except (OSError, ValueError) as e:
         out["workers.status_error"] = f"{type(e).__name__}: {e}"
         return out
-    out["workers.supervisor_pid"] = str(st["supervisor_pid"])
-    out["workers.restarts"] = str(st["restarts"])
-    out["workers.refused"] = str(st["refused"])
-    out["workers.address"] = str(st["address"])
+    for k in ("supervisor_pid", "restarts", "refused", "address"):
+        out[f"workers.{k}"] = st[k]
+    out["workers.bundle"] = st.get("bundle", "")
+    out["workers.digest"] = st.get("digest", "")
+    out["workers.reloads"] = st.get("reloads", 0)
+    out["workers.reload_last"] = st.get("reload_last", "")
     for w in st["workers"]:
         i = w["index"]
         for k in ("pid", "cpu", "state", "restarts", "last_exit"):
-            v = w.get(k)
-            out[f"workers.{i}.{k}"] = "none" if v is None else str(v)
+            out[f"workers.{i}.{k}"] = w.get(k)
     return out

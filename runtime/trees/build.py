@@ -16,7 +16,7 @@ log = logging.getLogger("uwrt.trees")
 
 
 #: tree_path -> the paths built, in preference order (runtime/trees/router.py routes between them).
-TREE_PATHS = {"auto": ("native", "xgboost"), "routed": ("native", "tl2cgen", "xgboost", "onnx"),
+TREE_PATHS = {"auto": ("native", "xgboost"), "all": ("native", "tl2cgen", "xgboost", "onnx"),
               "native": ("native",), "tl2cgen": ("tl2cgen",), "xgboost": ("xgboost",), "onnx": ("onnx",)}
 
 
@@ -36,7 +36,7 @@ def build_trees(bundle: Bundle, cfg: RuntimeConfig, *, tree_threads: int | None 
     # the factory sets nthread on the booster it gets: the stage and the explainer each own one
     stage, report = build_tree_stage(load_booster(bundle.tree_model_bytes(), nthread=threads), bundle,
                                      paths=TREE_PATHS[cfg.tree_path], cache_dirs=cache_dirs, tree_threads=threads,
-                                     calibrate=False)
+                                     calibrate=False, label=cfg.tree_path)
     booster = load_booster(bundle.tree_model_bytes(), nthread=threads)
     xgb_explainer = TreeExplainer(booster)
     explainer: Explainer = xgb_explainer

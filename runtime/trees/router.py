@@ -53,12 +53,15 @@ class RoutedTreeStage:
     """Dispatch each batch to the stage measured fastest for its size; fall back on errors.
 
     `stages` are in preference order (used as the route until `calibrate` runs, and to break
-    ties). `clock` returns nanoseconds (injectable so tests are deterministic).
+    ties). `label` is the stage's `name`: the `tree_path` value that asked for this routing
+    ("auto" or "all"), so logs and GetModelInfo's tree_backend name what was configured (the
+    paths it routes between are in `describe()["paths"]`). `clock` returns nanoseconds
+    (injectable so tests are deterministic).
     """
-    name = "routed"
 
     def __init__(self, stages: Sequence, *, reference: str | None = "xgboost",
-                 clock: Callable[[], int] = time.perf_counter_ns, disable_after: int = 5) -> None:
+                 clock: Callable[[], int] = time.perf_counter_ns, disable_after: int = 5, label: str = "auto") -> None:
+        self.name = label
         if not stages:
             raise ValueError("RoutedTreeStage needs at least one stage")
         names = [s.name for s in stages]
@@ -275,7 +278,7 @@ def build_tree_stage(booster, bundle=None, *, paths: Sequence[str] = ("native", 
                      cache_dirs: Sequence[str | os.PathLike] | None = None, training_rows: np.ndarray | None = None,
                      tree_threads: int = 1, progress: Callable[[str], None] | None = None,
                      calibration_rows: np.ndarray | None = None, calibrate: bool = True,
-                     batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES, repeats: int = 50):
+                     batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES, repeats: int = 50, label: str = "auto"):
     """Build the tree stage for `booster` -> (stage, report).
 
     paths: any of KNOWN_PATHS, in preference order. One path -> that stage itself (an explicit
@@ -285,7 +288,8 @@ def build_tree_stage(booster, bundle=None, *, paths: Sequence[str] = ("native", 
     `calibrate=False`. cache_dirs default: bundle `cache/native` then $UWRT_CACHE_DIR or
     ~/.cache/uwrt. `training_rows` feed tl2cgen's branch annotation. The report holds per-path
     build seconds, cache dirs used, parity results, failures, the routing table, and the
-    NativeExplainer (key "native_explainer") when the native path was built.
+    NativeExplainer (key "native_explainer") when the native path was built. `label` names a
+    RoutedTreeStage (the tree_path value: "auto" or "all").
     Thread safety: call once at load; compiles serialise on the cache's per-key lock.
     """
     from uwrt.runtime.trees.cache import default_cache_dirs
@@ -352,7 +356,7 @@ def build_tree_stage(booster, bundle=None, *, paths: Sequence[str] = ("native", 
         raise BackendError(f"no tree path could be built (requested {list(paths)}): {report['failures']}")
     if len(paths) == 1:
         return stages[0], report
-    routed = RoutedTreeStage(stages, reference="xgboost")
+    routed = RoutedTreeStage(stages, reference="xgboost", label=label)
     if calibrate:
         rows = calibration_rows if calibration_rows is not None else (
             training_rows if training_rows is not None else golden_rows(booster))

@@ -107,9 +107,14 @@ def test_invalid_requests_are_isolated(pipe, traffic):
 
 def test_model_card(small_bundle):
     card = json.loads((small_bundle / "model_card.json").read_text())
-    for k in ("auc_tabular_only", "auc_with_encoder", "auc_shuffled_control", "encoder_lift"):
-        assert 0.0 <= card[k] <= 1.0 or k == "encoder_lift"
-    assert "Encoder lift" in (small_bundle / "model_card.md").read_text()
+    for k in ("auc_tabular_only", "auc_with_encoder"):
+        assert 0.0 <= card[k] <= 1.0
+    assert card["encoder_lift"] == card["auc_with_encoder"] - card["auc_tabular_only"]
+    # the small preset runs no shuffled-order control, and its card says so instead of a number
+    assert card["controls"] == {"tabular_only": True, "shuffled_event_order": False}
+    assert card["auc_shuffled_control"] is None and card["acceptance"]["shuffled_control_loses_most"] is None
+    md = (small_bundle / "model_card.md").read_text()
+    assert "Encoder lift" in md and "| not run |" in md and "--with-controls" in md
 
 
 def test_build_is_deterministic(small_bundle, tmp_path):
@@ -138,9 +143,10 @@ def test_score_cli_reports_invalid_requests(small_bundle, tmp_path, capsys):
     f = tmp_path / "req.jsonl"
     with open(f, "w") as fh:
         write_jsonl(reqs, fh)
-    assert main(["score", "--bundle", str(small_bundle), "--input", str(f)]) == 1
+    assert main(["score", "--bundle", str(small_bundle), "--input", str(f), "--json"]) == 1
     cap = capsys.readouterr()
-    assert len(cap.out.strip().splitlines()) == 3
+    assert [json.loads(line)["requestId"] for line in cap.out.strip().splitlines()] == [
+        r.request_id for k, r in enumerate(reqs) if k != 2]
     assert "request 3" in cap.err and "purchase.amount_minor" in cap.err
     f.write_text('{"requestId": "x", "bogusField": 1}\n')
     assert main(["score", "--bundle", str(small_bundle), "--input", str(f)]) == 2

@@ -22,6 +22,7 @@ from tests.factories import ROOT
 from tests.runtime.serving.test_supervisor import FRESH, _read_until
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.serving.metrics import (
+    CONDITIONAL_METRIC_NAMES,
     LATENCY_BUCKETS_S,
     METRIC_NAMES,
     SUPERVISOR_METRIC_NAMES,
@@ -74,7 +75,8 @@ def test_latency_buckets_are_log_spaced_50us_to_1s():
 def test_readme_lists_every_metric():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n## Operating uwrt", 1)[1].split("\n## ", 1)[0]
-    missing = [n for n in {**METRIC_NAMES, **SUPERVISOR_METRIC_NAMES} if f"`{n}`" not in section]
+    missing = [n for n in {**METRIC_NAMES, **SUPERVISOR_METRIC_NAMES, **CONDITIONAL_METRIC_NAMES}
+               if f"`{n}`" not in section]
     assert not missing, f"README's Operating uwrt section lacks {missing}"
 
 

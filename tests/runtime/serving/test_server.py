@@ -256,6 +256,33 @@ def test_shutdown_drains_accepted_requests(pipe, traffic):
     assert late == grpc.StatusCode.UNAVAILABLE
 
 
+def test_drain_delay_serves_while_not_serving_then_calls_sent_at_shutdown_are_decided(pipe, traffic):
+    """During drain_delay_s health is NOT_SERVING but Decide still answers (a balancer has time to
+    notice); calls racing the moment gRPC stops accepting are decided or refused with UNAVAILABLE
+    (retryable), never CANCELLED or another code, and the drain reports success."""
+    async def main():
+        cfg = dataclasses.replace(CFG, grace_s=30.0, drain_delay_s=0.5)
+        async with Harness(pipe, cfg) as h:
+            health = health_pb2_grpc.HealthStub(h.channel)
+            stop = asyncio.ensure_future(h.server.stop())
+            await until(lambda: h.server.health._server_status.get(SERVICE_NAME)
+                        == health_pb2.HealthCheckResponse.NOT_SERVING)
+            status = (await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))).status
+            during = await h.stub.Decide(copy(traffic[0]), timeout=10)       # within the delay: served
+            # a burst racing the moment gRPC stops accepting
+            racing = [asyncio.ensure_future(h.stub.Decide(copy(traffic[i]), timeout=30)) for i in range(1, 60)]
+            await stop
+            res = await asyncio.gather(*racing, return_exceptions=True)
+            return status, during, res, stop.result()
+
+    status, during, res, ok = run(main())
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert isinstance(during, pb.DecisionResponse) and during.request_id == traffic[0].request_id
+    codes = {r.code() for r in res if isinstance(r, grpc.aio.AioRpcError)}
+    assert codes <= {grpc.StatusCode.UNAVAILABLE}, codes
+    assert ok
+
+
 def test_client_cancellation_removes_queued_request(pipe, traffic):
     async def main():
         cfg = dataclasses.replace(CFG, batch_runner="thread", batching=BatchingConfig(max_batch_size=1, max_wait_us=0,
@@ -303,6 +330,9 @@ def test_uwrt_serve_process_decide_and_sigterm(small_bundle, tmp_path, capsys):
                 port = int(m.group(1))
                 break
         assert port, "".join(lines)
+        start = "".join(lines)        # the start-up log: clean (issue 14)
+        assert "\x1b[" not in start and "onnxruntime" not in start.replace("uwrt.encoder.onnx", ""), start
+        assert sum("profile cpu (" in line for line in lines) == 1, start
         assert main(["decide", "--target", f"127.0.0.1:{port}", "--n", "12", "--seed", "3"]) == 0
         out = capsys.readouterr()
         assert "12 of 12 decided" in out.err and "outcome" in out.out

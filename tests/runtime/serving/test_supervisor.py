@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -56,16 +57,17 @@ class Farm:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def info(self, channel: grpc.Channel | None = None) -> dict[str, str]:
-        """GetModelInfo settings over `channel`, or over a new connection."""
+    def info(self, channel: grpc.Channel | None = None) -> dict[str, Any]:
+        """GetModelInfo settings over `channel`, or over a new connection (each value parsed: JSON text)."""
         ch = channel or grpc.insecure_channel(f"127.0.0.1:{self.port}", options=FRESH)
         try:
-            return dict(pb_grpc.UnderwritingStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).settings)
+            settings = pb_grpc.UnderwritingStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).settings
+            return {k: json.loads(v) for k, v in settings.items()}
         finally:
             if channel is None:
                 ch.close()
 
-    def channels_to(self, pids: set[str]) -> dict[str, grpc.Channel]:
+    def channels_to(self, pids: set[int]) -> dict[int, grpc.Channel]:
         """One open channel (connection) per worker pid in `pids`: new connections until each answered."""
         got: dict[str, grpc.Channel] = {}
         for _ in range(CHANNEL_CAP):
@@ -97,7 +99,7 @@ class Farm:
             time.sleep(0.2)
 
 
-def _pids(s: dict[str, str]) -> set[str]:
+def _pids(s: dict[str, Any]) -> set[int]:
     return {s["workers.0.pid"], s["workers.1.pid"]}
 
 
@@ -133,10 +135,10 @@ def _offline(pipe, reqs):
 
 def test_both_workers_answer_pinned_and_reported(farm, pipe, traffic):
     s = farm.info()
-    assert s["workers.count"] == "2" and s["workers.mode"] == "supervised"
-    assert s["workers.0.state"] == s["workers.1.state"] == "serving" and s["workers.restarts"] == "0"
+    assert s["workers.count"] == 2 and s["workers.mode"] == "supervised"
+    assert s["workers.0.state"] == s["workers.1.state"] == "serving" and s["workers.restarts"] == 0
     cpus = {s["workers.0.cpu"], s["workers.1.cpu"]}
-    assert len(cpus) == 2 and cpus <= {str(c) for c in usable_cpus()}
+    assert len(cpus) == 2 and cpus <= set(usable_cpus())
     chans = farm.channels_to(_pids(s))
     reqs = list(traffic[:6])
     offline = _offline(pipe, reqs)
@@ -151,7 +153,7 @@ def test_both_workers_answer_pinned_and_reported(farm, pipe, traffic):
             for t in tasks:
                 with open(f"/proc/{pid}/task/{t}/status") as f:
                     allowed = re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1)
-                assert allowed == me["workers.this.cpu"], (pid, t, allowed)
+                assert allowed == str(me["workers.this.cpu"]), (pid, t, allowed)
             stub = pb_grpc.UnderwritingStub(ch)
             futs = [stub.Decide.future(r, timeout=60) for r in reqs]   # together: one batch on this worker
             for f in futs:
@@ -172,7 +174,7 @@ def test_occupied_port_fails_start_up(farm, workers):
     assert r.returncode == 4, r.stderr
     assert f"cannot listen on 127.0.0.1:{farm.port}: the address is in use" in r.stderr
     assert "uwrt serving" not in r.stdout
-    assert farm.info()["workers.restarts"] == "0"           # and the farm did not notice
+    assert farm.info()["workers.restarts"] == 0           # and the farm did not notice
 
 
 def _gone(pid: int) -> bool:
@@ -183,10 +185,10 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _kill_and_wait(farm: Farm, index: int, pid: str) -> dict[str, str]:
+def _kill_and_wait(farm: Farm, index: int, pid: int) -> dict[str, Any]:
     """SIGKILL worker `index` and wait until the supervisor has reaped it (then every thread has
     exited and its listening socket is closed: the kernel only hands new connections to the others)."""
-    os.kill(int(pid), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     return farm.wait_for(lambda s: s[f"workers.{index}.pid"] != pid, timeout_s=30)
 
 
@@ -206,8 +208,8 @@ def test_killed_worker_is_restarted_while_the_other_serves(farm, traffic):
     for resp, pid in asyncio.run(meanwhile()):       # every new connection served, none by the dead worker
         assert resp.request_id and pid != old
 
-    s = farm.wait_for(lambda s: s["workers.0.state"] == "serving" and s["workers.0.pid"] not in (old, "none"))
-    assert s["workers.0.restarts"] == "1" and s["workers.restarts"] == "1"
+    s = farm.wait_for(lambda s: s["workers.0.state"] == "serving" and s["workers.0.pid"] not in (old, None))
+    assert s["workers.0.restarts"] == 1 and s["workers.restarts"] == 1
     assert s["workers.0.last_exit"] == "killed by SIGKILL" and s["workers.1.pid"] == other
     chans = farm.channels_to({s["workers.0.pid"]})     # the new worker takes connections again
     for ch in chans.values():
@@ -237,7 +239,7 @@ def test_worker_loading_another_bundle_is_refused(farm):
                          rf"{m['bundle_digest'][:12]}, but this server serves digest {farm.digest[:12]}", farm.log())
     finally:
         path.write_text(original)
-    s = farm.wait_for(lambda s: s["workers.1.state"] == "serving" and s["workers.1.pid"] not in (victim, "none"))
+    s = farm.wait_for(lambda s: s["workers.1.state"] == "serving" and s["workers.1.pid"] not in (victim, None))
     assert int(s["workers.1.restarts"]) >= 2                  # the refused attempt(s), then this one
 
 
@@ -257,7 +259,7 @@ def test_sigterm_drains_queued_requests_and_exits_0(farm, traffic):
             futs = [pb_grpc.UnderwritingStub(ch).Decide.future(r, timeout=60)
                     for ch in chans.values() for r in same_bucket]
             while not any(f.done() for f in futs):
-                if all(farm.info(ch)["stats.queued"] == "4" for ch in chans.values()):
+                if all(farm.info(ch)["stats.queued"] == 4 for ch in chans.values()):
                     break
             else:                    # the window passed unseen (a very slow machine): again
                 for f in futs:

@@ -79,8 +79,8 @@ def test_digest_matches():
 
 def test_worker_settings_single_and_supervised(tmp_path):
     s = worker_settings(index=0, count=1, cpu=None)
-    assert s == {"workers.count": "1", "workers.mode": "single", "workers.this.index": "0",
-                 "workers.this.pid": str(os.getpid()), "workers.this.cpu": "none"}
+    assert s == {"workers.count": 1, "workers.mode": "single", "workers.this.index": 0,
+                 "workers.this.pid": os.getpid(), "workers.this.cpu": None}
     f = tmp_path / "workers.json"
     write_status(f, {"supervisor_pid": 7, "address": "127.0.0.1:1", "count": 2, "restarts": 3, "refused": 1,
                      "workers": [{"index": 0, "pid": 11, "cpu": 0, "state": "serving", "restarts": 3,
@@ -88,9 +88,9 @@ def test_worker_settings_single_and_supervised(tmp_path):
                                  {"index": 1, "pid": None, "cpu": 1, "state": "backoff", "restarts": 0,
                                   "last_exit": None}]})
     s = worker_settings(index=1, count=2, cpu=1, status_file=f)
-    assert s["workers.mode"] == "supervised" and s["workers.this.cpu"] == "1" and s["workers.restarts"] == "3"
-    assert s["workers.0.last_exit"] == "killed by SIGKILL" and s["workers.1.pid"] == "none"
-    assert s["workers.1.state"] == "backoff" and s["workers.supervisor_pid"] == "7"
+    assert s["workers.mode"] == "supervised" and s["workers.this.cpu"] == 1 and s["workers.restarts"] == 3
+    assert s["workers.0.last_exit"] == "killed by SIGKILL" and s["workers.1.pid"] is None
+    assert s["workers.1.state"] == "backoff" and s["workers.supervisor_pid"] == 7
     f.unlink()
     assert "workers.status_error" in worker_settings(index=1, count=2, cpu=1, status_file=f)
 

@@ -1,6 +1,7 @@
 """The generated-C tree stage and TreeSHAP (runtime/trees/native.py) against xgboost, the reference."""
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -204,10 +205,16 @@ def test_unsupported_models_raise(rng):
                               xgb.DMatrix(x, y), 2))
     with pytest.raises(UnsupportedTreeModel, match="objective"):
         parse_model(xgb.train({"objective": "count:poisson", "max_depth": 2}, xgb.DMatrix(x, y), 2))
-    cat = np.stack([rng.integers(0, 5, 300).astype(np.float32), x[:, 1]], 1)
-    dm = xgb.DMatrix(cat, y, feature_types=["c", "q"], enable_categorical=True)
+    # the label is a function of the category alone, so every seed's model splits on it (a label
+    # unrelated to the category gave a model without a categorical split for ~1 seed in 80)
+    category = rng.permutation(np.arange(300) % 5).astype(np.float32)
+    cat = np.stack([category, x[:, 1]], 1)
+    dm = xgb.DMatrix(cat, np.isin(category, (1, 3)).astype(int), feature_types=["c", "q"], enable_categorical=True)
+    model = xgb.train({"max_depth": 3, "objective": "binary:logistic", "tree_method": "hist"}, dm, 3)
+    trees = json.loads(model.save_raw("json"))["learner"]["gradient_booster"]["model"]["trees"]
+    assert any(1 in t["split_type"] for t in trees), "precondition: the model has a categorical split"
     with pytest.raises(UnsupportedTreeModel, match="categorical"):
-        parse_model(xgb.train({"max_depth": 3, "objective": "binary:logistic", "tree_method": "hist"}, dm, 3))
+        parse_model(model)
 
 
 def test_parity_gate_catches_a_wrong_library(rng, tmp_path):

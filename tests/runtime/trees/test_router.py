@@ -158,7 +158,7 @@ def test_build_tree_stage_routed_equals_xgboost(rng, real_model, real_cache):
                                      progress=lambda m: None)
     import importlib.util
     want = {"tl2cgen", "xgboost"} | ({"onnx"} if importlib.util.find_spec("onnxmltools") else set())
-    assert stage.name == "routed" and want <= set(report["built"])
+    assert stage.name == "auto" and want <= set(report["built"])
     assert report["routing"]["calibrated"] and report["paths"]["tl2cgen"]["parity"]["max_prob_diff"] <= PROB_TOL
     for b in (1, 3, 32, 77):
         rows = edge_rows(rng, real_model, b)
@@ -184,7 +184,7 @@ def test_build_tree_stage_skips_failed_paths(real_model, real_cache, monkeypatch
                                          cache_dirs=[real_cache], calibrate=False)
     assert report["built"] == ["xgboost"] and set(report["failures"]) == {"native", "tl2cgen"}
     assert "injected compile failure" in caplog.text and "'native' skipped" in caplog.text
-    assert stage.name == "routed" and not report["routing"]["calibrated"]
+    assert stage.name == "auto" and not report["routing"]["calibrated"]
     with pytest.raises(BackendError, match="requested but cannot be built"):  # explicit request: raise
         build_tree_stage(real_model, None, paths=("tl2cgen",), cache_dirs=[real_cache])
     single, _ = build_tree_stage(real_model, None, paths=("xgboost",), cache_dirs=[real_cache])

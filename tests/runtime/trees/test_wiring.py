@@ -1,5 +1,6 @@
 """The tree stage and reasons as the pipeline and server build them from the configuration:
 tree_path routes, compiled reasons == xgboost's, fallbacks logged and counted, GetModelInfo."""
+import json
 import logging
 
 import pytest
@@ -25,7 +26,7 @@ def _decide(pipe, reqs, size):
 
 
 def test_default_pipeline_routes_bit_identical_paths_with_compiled_reasons(pipe, xgb_pipe, traffic):
-    assert pipe.trees.name == "routed" and [s.name for s in pipe.trees.stages] == list(TREE_PATHS["auto"])
+    assert pipe.trees.name == "auto" and [s.name for s in pipe.trees.stages] == list(TREE_PATHS["auto"])
     assert isinstance(pipe.explainer, FallbackExplainer) and pipe.tree_stats()["reasons"] == "native"
     fast, ref = _decide(pipe, traffic, 32), _decide(xgb_pipe, traffic, 32)
     adverse = 0
@@ -98,5 +99,6 @@ def test_model_info_reports_trees(pipe):
         async with Harness(pipe) as h:
             return await h.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
     info = run(main())
-    assert info.tree_backend == "routed" and info.settings["trees.reasons"] == "native"
-    assert info.settings["trees.paths"] == "native,xgboost" and "trees.crossovers" in info.settings
+    settings = {k: json.loads(v) for k, v in info.settings.items()}       # every value is JSON text
+    assert info.tree_backend == "auto" == settings["tree_path"] and settings["trees.reasons"] == "native"
+    assert settings["trees.paths"] == "native,xgboost" and "trees.crossovers" in settings
