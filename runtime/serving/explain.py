@@ -200,7 +200,7 @@ class ExplainService:
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def info(self) -> dict[str, str]:
-        out = {f"explain.{k}": str(v) for k, v in self.stats.items()}
-        out["explain.cache_entries"] = str(len(self.cache) if self.cache is not None else 0)
+    def info(self) -> dict[str, int]:
+        out = {f"explain.{k}": int(v) for k, v in self.stats.items()}
+        out["explain.cache_entries"] = len(self.cache) if self.cache is not None else 0
         return out

@@ -367,18 +367,20 @@ class Observer:
 
     # ------------------------------------------------------------------ GetModelInfo
 
-    def info(self) -> Mapping[str, str]:
+    def info(self) -> Mapping[str, Any]:
+        """GetModelInfo settings (JSON-ready values: strings, numbers)."""
         from uwrt.runtime.serving import metrics as metrics_mod
         mode = "off" if self.m is None else ("multiprocess" if metrics_mod.is_multiprocess() else "single")
-        out = {"metrics.mode": mode, "drift.status": self.drift_status,
-               "tracing.sample_ratio": str(self.tracing.ratio if self.tracing is not None else 0.0),
-               "metrics.pid": str(os.getpid())}
+        out: dict[str, Any] = {"metrics.mode": mode, "drift.status": self.drift_status,
+                               "tracing.sample_ratio": self.tracing.ratio if self.tracing is not None else 0.0,
+                               "metrics.pid": os.getpid()}
         if self.tracing is not None:
-            out["tracing.sampled"] = str(self.tracing.sampled)
+            out["tracing.sampled"] = self.tracing.sampled
         rep = self._report
         if rep is not None:
-            out["drift.window_decisions"] = str(rep["decisions"])
+            out["drift.window_decisions"] = int(rep["decisions"])
             worst = max(rep["variables"].items(), key=lambda kv: -1.0 if math.isnan(kv[1]["psi"]) else kv[1]["psi"])
             out["drift.max_psi"] = f"{worst[0]}={worst[1]['psi']:.4f} ({worst[1]['reading']})"
-            out["drift.psi.score"] = f"{rep['variables']['score']['psi']:.4f}"
+            score = rep["variables"]["score"]["psi"]
+            out["drift.psi.score"] = None if math.isnan(score) else round(score, 4)
         return out

@@ -192,7 +192,7 @@ def _serve_and_report(pipe, reqs):
                 obs = server.rt.obs
                 obs._sync_drift(obs_now())
                 info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
-                return obs._report, dict(info.settings)
+                return obs._report, {k: json.loads(v) for k, v in info.settings.items()}   # values are JSON
         finally:
             await server.stop(1.0)
     return asyncio.run(main())

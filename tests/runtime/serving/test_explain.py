@@ -66,7 +66,7 @@ def test_explain_by_id_and_by_request_agree_with_decide_and_xgboost(pipe, traffi
         return decided, by_id, by_req, server.rt.explain.info()
 
     decided, by_id, by_req, info = _run(pipe, CFG, body)
-    assert info["explain.explained"] == str(2 * len(reqs))
+    assert info["explain.explained"] == 2 * len(reqs)
     for d, a, b in zip(decided, by_id, by_req, strict=True):
         assert d.reasons_mode == pb.REASONS_INLINE
         assert a.source == "recent" and b.source == "request" and a.request_id == d.request_id

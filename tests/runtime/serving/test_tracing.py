@@ -142,7 +142,7 @@ def test_live_ratio_traces_a_subset(pipe, traffic):
 def test_tracing_off_creates_no_tracer_and_no_spans(pipe, traffic):
     got, obs = _serve(pipe, _requests(traffic, "off", 10), None, RuntimeConfig(port=0, trace_sample_ratio=0.0))
     assert len(got) == 10 and obs.tracing is None
-    assert obs.info()["tracing.sample_ratio"] == "0.0"
+    assert obs.info()["tracing.sample_ratio"] == 0.0
 
 
 def test_tracing_off_never_imports_opentelemetry(small_bundle):
