@@ -85,8 +85,8 @@ def test_prometheus_scrapes_and_answers_p99(small_bundle, traffic, tmp_path):
         prom = subprocess.Popen([exe, f"--config.file={tmp_path / 'prometheus.yml'}",
                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web}"],
                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
-        wait_for(lambda: _ready(web), 60, "prometheus to be ready")
-        wait_for(lambda: query(web, 'up{job="uwrt"} == 1'), 30, "prometheus to scrape uwrt")
+        wait_for(lambda: _ready(web), 120, "prometheus to be ready")
+        wait_for(lambda: query(web, 'up{job="uwrt"} == 1'), 90, "prometheus to scrape uwrt")
         sel = 'uwrt_request_duration_seconds_count{method="Decide",code="OK"}'
         with grpc.insecure_channel(f"127.0.0.1:{live.port}") as ch:
             stub = pb_grpc.UnderwritingStub(ch)
@@ -94,7 +94,8 @@ def test_prometheus_scrapes_and_answers_p99(small_bundle, traffic, tmp_path):
                 for f in [stub.Decide.future(r, timeout=30) for r in _traffic(traffic, f"p{phase}", n)]:
                     f.result()
                 sent = 30 if phase == "a" else 90
-                wait_for(lambda sent=sent: scalar(web, f"sum({sel})") == sent, 30, f"{sent} Decides in prometheus")
+                wait_for(lambda sent=sent: scalar(web, f"sum({sel})") == sent, 90,
+                         f"{sent} Decides in prometheus")
         # every request counted, and the same histogram as a direct scrape
         direct = scrape(live.mport)
         buckets = [(float(lab["le"]), v) for lab, v in direct["uwrt_request_duration_seconds_bucket"]
