@@ -80,19 +80,22 @@ clean:
 bench-native:
 	sh bench/native/build.sh
 # ---- Scaling out (README: "Scaling out") -------------------------------------------------------------
-#   make ops-install    HAProxy (the Debian package haproxy, >= 2.6) for the multi-replica topology:
+#   make ops-install    what operating uwrt needs beyond Python: ops-haproxy and ops-prometheus (below)
+#   make ops-haproxy    HAProxy (the Debian package haproxy, >= 2.6) for the multi-replica topology:
 #                       installs it with apt-get when run as root, otherwise says what to do and fails
-#   make ops-test-deps  the same when it can (root + apt-get), otherwise only a warning: the scale-out
-#                       tests then skip, naming the package (for `make test` / CI)
+#   make ops-test-deps  ops-haproxy when it can (root + apt-get), otherwise only a warning: the scale-out
+#                       tests then skip, naming the package (for `make test` / CI). Not Prometheus.
 #   make cluster        REPLICAS (3) x `uwrt serve` behind HAProxy on 127.0.0.1:$(CLUSTER_PORT); Ctrl-C drains
 #                       and stops; SERVE_ARGS go to every replica
 REPLICAS ?= 3
 CLUSTER_PORT ?= 50050
 HAPROXY_HINT := haproxy (>= 2.6) is needed for the multi-replica topology: install the package haproxy as root (apt-get install -y haproxy on Debian 12+ or Ubuntu 24.04+), or with your package manager
 
-.PHONY: ops-install ops-test-deps cluster
+.PHONY: ops-install ops-haproxy ops-test-deps cluster
 
-ops-install:
+ops-install: ops-haproxy ops-prometheus
+
+ops-haproxy:
 	@if command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; then \
 	  PATH="$$PATH:/usr/sbin" haproxy -v | head -1; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -105,7 +108,27 @@ ops-install:
 	fi
 
 ops-test-deps:
-	@$(MAKE) --no-print-directory ops-install || echo "warning: haproxy not installed: the scale-out tests (tests/deploy) will be skipped" >&2
+	@$(MAKE) --no-print-directory ops-haproxy || echo "warning: haproxy not installed: the scale-out tests (tests/deploy) will be skipped" >&2
 
-cluster: bundle ops-install
+cluster: bundle ops-haproxy
 	$(BIN)/python deploy/cluster.py up --replicas $(REPLICAS) --bundle $(BUNDLE) --port $(CLUSTER_PORT) $(if $(SERVE_ARGS),-- $(SERVE_ARGS))
+
+# ---- Operating uwrt: Prometheus (README: "Operating uwrt") ----------------------------------------
+#   make ops-prometheus  (part of ops-install) Debian's prometheus, for deploy/prometheus/prometheus.yml and the real-Prometheus
+#                        test (tests/deploy/test_prometheus.py): installs it with apt-get when run as root,
+#                        otherwise says what to do and fails. Not run by `make test` (the test then skips,
+#                        naming the package): an operator's and a bench machine's tool, not a test dependency.
+PROMETHEUS_HINT := prometheus is needed for deploy/prometheus/ and tests/deploy/test_prometheus.py: install the package prometheus as root (apt-get install -y prometheus on Debian 12+ or Ubuntu 22.04+), or a release from prometheus.io
+
+.PHONY: ops-prometheus
+ops-prometheus:
+	@if command -v prometheus >/dev/null 2>&1; then \
+	  prometheus --version 2>&1 | head -1; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing prometheus with apt-get"; \
+	  apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y --no-install-recommends prometheus; } && \
+	  prometheus --version 2>&1 | head -1; \
+	else \
+	  echo "error: $(PROMETHEUS_HINT)" >&2; exit 1; \
+	fi

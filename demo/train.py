@@ -41,6 +41,7 @@ import xgboost as xgb
 from torch import nn
 
 from uwrt.demo import synth
+from uwrt.demo.monitoring import development_stats
 from uwrt.demo.signal_check import auc
 from uwrt.runtime import __version__
 from uwrt.runtime.bundle.bundle import Bundle, write_bundle
@@ -316,7 +317,11 @@ def _build_demo(out_dir, cfg: DemoConfig, *, overwrite: bool) -> Bundle:
         encoder_config=cfg.encoder, tree_model=booster, tree_version=f"demo-xgb-{cfg.xgb_rounds}x{cfg.xgb_depth}",
         schema=schema, policy=policy,
         extra_files={"model_card.json": json.dumps(card, indent=2, sort_keys=True) + "\n",
-                     "model_card.md": model_card_md(card)},
+                     "model_card.md": model_card_md(card),
+                     # drift baseline (demo/monitoring.py): a fresh development sample's statistics
+                     "monitoring.json": development_stats(seed=cfg.seed, n_applicants=cfg.n_applicants, schema=schema,
+                                                          encoder_config=cfg.encoder, policy=policy, encoder=enc,
+                                                          booster=booster)},
         created_by=f"uwrt {__version__} build-demo", overwrite=overwrite)
     # timings are logged, not stored: the bundle must be byte-identical for a given seed
     log.info("timings (s): %s", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

@@ -173,6 +173,10 @@ class Replica:
             # on SIGTERM, keep serving NOT_SERVING for longer than HAProxy needs to take the replica
             # out of rotation (inter + fall x fastinter, ~0.4 s): a plain SIGTERM then loses nothing
             cmd += ["--drain-delay-s", "1.0"]
+        if "--metrics-port" in serve_flags() and "--metrics-port" not in self.serve_args:
+            # every replica would bind the default metrics port (9464) on this one host: the second
+            # fails to start. Metrics off unless SERVE_ARGS give each its port (README: Operating uwrt)
+            cmd += ["--metrics-port", "0"]
         return cmd + list(self.serve_args)
 
     def start(self) -> None:

@@ -328,6 +328,38 @@ class RuntimeConfig:
     #: Python's (700, 10, 10). Larger gen0 thresholds mean fewer but longer pauses: at 7000 one
     #: young collection took ~2-7 ms on the loaded dev VM, a p99 hazard (bench/RESULTS.md).
     gc_threshold: tuple[int, ...] = ()
+    #: Prometheus metrics port (`uwrt serve`; README: Operating uwrt): an HTTP endpoint serving
+    #: /metrics from its own thread (with workers: from the supervisor, every worker's samples in
+    #: one scrape). 0 = metrics off (nothing is observed).
+    metrics_port: int = 9464
+    #: Address the metrics endpoint listens on; empty = the same as `host`.
+    metrics_host: str = ""
+    #: Share of decisions traced with OpenTelemetry (one span per request, child spans per stage;
+    #: README: Operating uwrt). 0 = tracing off (no per-request work).
+    trace_sample_ratio: float = 0.0
+    #: Where sampled spans go: "otlp" (OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT, default
+    #: localhost:4317; needs the optional requirements/otlp.txt), "console" (JSON on stderr) or
+    #: "none" (spans built, then dropped: to measure tracing's own cost).
+    trace_exporter: str = "otlp"
+    #: Drift windows (README: Operating uwrt): the population stability index is computed over the
+    #: decisions of the last this many seconds ...
+    drift_window_s: float = 3600.0
+    #: ... and at most this many of the newest decisions (per worker process).
+    drift_window_n: int = 20000
+    #: Fewest decisions in a drift window before PSI is reported (fewer: the PSI gauges read NaN;
+    #: PSI on small samples is noise).
+    drift_min_decisions: int = 500
+    #: Where Decide computes reason codes: "inline" (TreeSHAP for adverse outcomes inside Decide,
+    #: the default) or "explain" (Decide returns no reasons and says so in `reasons_mode`; the
+    #: Explain RPC computes them off the hot path, for bundles whose TreeSHAP is costly).
+    reasons: str = "inline"
+    #: Recent decisions kept per worker for Explain by request id (model row, outcome, PD); 0 =
+    #: none (Explain then needs the full request).
+    explain_cache_size: int = 4096
+    #: Longest an Explain call may take (its own deadline; a shorter client deadline wins).
+    explain_timeout_s: float = 2.0
+    #: Explain calls queued for the explain thread beyond this are refused with RESOURCE_EXHAUSTED.
+    explain_max_queue: int = 32
     #: Directory of the decision log (audit log) and the idempotency index (README: Decision
     #: records); empty = no log and no idempotency. One writer directory per server process (w0,
     #: w1, ...) and one index.sqlite shared by the processes of this host.
@@ -406,6 +438,15 @@ class RuntimeConfig:
             raise ValueError(f"bundle_digest must be 12 to 64 lowercase hex digits, got {self.bundle_digest!r}")
         if self.require_signature and not self.trusted_key_paths():
             raise ValueError("require_signature needs trusted_keys (comma-separated public key files)")
+        if not 0 <= self.metrics_port <= 65535 or not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError("0 <= metrics_port <= 65535 and 0 <= trace_sample_ratio <= 1 are required")
+        for name, allowed in (("reasons", ("inline", "explain")), ("trace_exporter", ("otlp", "console", "none"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.drift_window_s <= 0 or self.drift_window_n < 1 or self.drift_min_decisions < 1:
+            raise ValueError("drift_window_s > 0, drift_window_n >= 1 and drift_min_decisions >= 1 are required")
+        if self.explain_cache_size < 0 or self.explain_timeout_s <= 0 or self.explain_max_queue < 1:
+            raise ValueError("explain_cache_size >= 0, explain_timeout_s > 0 and explain_max_queue >= 1 are required")
         if self.records_durability not in ("fsync", "interval") or self.records_payload not in ("full", "digest"):
             raise ValueError("records_durability must be fsync or interval, records_payload full or digest; got "
                              f"{self.records_durability!r}, {self.records_payload!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,8 @@ class StageTimes:
     featurize_us: int = 0
     encode_us: int = 0
     trees_us: int = 0
-    policy_us: int = 0
+    policy_us: int = 0       # policy and responses, reasons included
+    reasons_us: int = 0      # of which TreeSHAP reasons (0 when none were computed)
 
 
 def _us(t0: int) -> int:
@@ -87,6 +89,11 @@ class Pipeline:
         self._template = pb.DecisionResponse(path=pb.MODEL)
         self._template.model.CopyFrom(self.identity)
         self.reason_codes = self.schema.reason_codes
+        # observability hooks (runtime/serving/observe.py): where reasons are computed, and a
+        # callback per decided batch with the exact model rows (metrics, drift, Explain's cache)
+        self.inline_reasons = (config or RuntimeConfig()).reasons == "inline"
+        self._template.reasons_mode = pb.REASONS_INLINE if self.inline_reasons else pb.REASONS_DEFERRED
+        self.on_batch: Callable[[FeatureBatch, np.ndarray, list[pb.DecisionResponse], StageTimes], None] | None = None
         if self.trees.num_features != len(self.schema.features):
             raise ValueError(f"tree stage expects {self.trees.num_features} features, "
                              f"schema has {len(self.schema.features)}")
@@ -162,7 +169,7 @@ class Pipeline:
             margin = self.trees.predict_margin(rows)
             times.trees_us = _us(t0)
             t0 = time.perf_counter_ns()
-            responses = self._respond(requests, batch, rows, margin)
+            responses = self._respond(requests, batch, rows, margin, times)
             times.policy_us = _us(t0)
             total_us = _us(t_start)
             for r, resp in zip(batch.index, responses, strict=True):
@@ -170,10 +177,12 @@ class Pipeline:
                 tm.featurize_us, tm.encode_us, tm.trees_us = times.featurize_us, times.encode_us, times.trees_us
                 tm.policy_us, tm.total_us = times.policy_us, total_us
                 results[r] = resp
+            if self.on_batch is not None:     # observability hook (runtime/serving/observe.py)
+                self.on_batch(batch, rows, responses, times)
         return results  # type: ignore[return-value]
 
     def _respond(self, requests: list[pb.DecisionRequest], batch: FeatureBatch, rows: np.ndarray,
-                 margin: np.ndarray) -> list[pb.DecisionResponse]:
+                 margin: np.ndarray, times: StageTimes | None = None) -> list[pb.DecisionResponse]:
         pd = sigmoid(margin).tolist()
         policy, template = self.policy, self._template
         outcomes = [outcome_for(p, policy) for p in pd]
@@ -191,10 +200,13 @@ class Pipeline:
             if outcomes[j] == pb.COUNTEROFFER:
                 resp.counteroffer_amount_minor = counteroffer_amount(requests[r].purchase.amount_minor, policy)
             out.append(resp)
-        if adverse:
+        if adverse and self.inline_reasons:
+            t0 = time.perf_counter_ns()
             contribs = self.explainer.contributions(rows[adverse])
             for k, j in enumerate(adverse):
                 out[j].reasons.extend(top_reasons(contribs[k, :-1], self.reason_codes, self.policy))
+            if times is not None:
+                times.reasons_us = _us(t0)
         return out
 
 

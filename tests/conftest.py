@@ -19,6 +19,10 @@ import pytest
 
 # The cache key (runtime/bundle/cache_trust.py) lives in the server user's state directory: tests
 # (and the servers they start as subprocesses) use a private one, never the developer's.
+# `uwrt serve` serves /metrics on a fixed default port (9464): servers the tests start as
+# subprocesses would collide on it (and with anyone's server on this machine). Metrics off unless
+# a test asks for them with --metrics-port (flags beat the environment).
+os.environ.setdefault("UWRT_METRICS_PORT", "0")
 os.environ.setdefault("UWRT_STATE_DIR", tempfile.mkdtemp(prefix="uwrt-test-state-"))
 
 

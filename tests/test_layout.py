@@ -23,11 +23,12 @@ ALLOWED = {
     "encoders": {"foundation", "bundle", "featurize", "encoders", "kernels"},
     "trees": {"foundation", "bundle", "trees"},
     "pipeline": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels"},
+    "monitoring": {"foundation", "bundle", "policy", "monitoring"},
     "records": {"foundation", "bundle", "records"},
     "serving": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "records",
-                "serving"},
+                "serving", "monitoring"},
     "cli": {"foundation", "bundle", "featurize", "policy", "encoders", "trees", "kernels", "pipeline", "records",
-            "serving", "cli", "demo", "bench"},
+            "serving", "cli", "demo", "bench", "monitoring"},
     "kernels": {"kernels"},
 }
 

@@ -589,7 +589,8 @@ def create_from_parts(out_dir: PathLike, *, trees: PathLike, encoder_weights: Pa
                       bundle_id: str | None = None, tree_version: str | None = None,
                       model_card: PathLike | None = None, model_card_md: PathLike | None = None,
                       request_limits: PathLike | None = None,
-                      created_by: str = DEFAULT_CREATED_BY, overwrite: bool = False) -> Bundle:
+                      created_by: str = DEFAULT_CREATED_BY, overwrite: bool = False,
+                      extra_files: Mapping[str, bytes | str | PathLike] | None = None) -> Bundle:
     """Build a bundle from externally trained parts on disk (backs `uwrt bundle create`).
 
     Shortcut for: read the three JSON files with `EncoderConfig/FeatureSchema/Policy.from_dict`
@@ -597,6 +598,7 @@ def create_from_parts(out_dir: PathLike, *, trees: PathLike, encoder_weights: Pa
     `safetensors.torch.load_file(encoder_weights)`, then `write_bundle(...)` (which validates
     everything before writing). Defaults: `tree_version` = "<trees file stem>-<sha256[:8]>",
     `bundle_id` = "uwrt-<sha256[:12]>" over the parts, so identical parts give identical ids.
+    `extra_files`: more declared files, as `write_bundle` takes them.
     `export_parts` writes these parts back out from a bundle. Thread safety: as `write_bundle`.
     """
     try:
@@ -619,11 +621,12 @@ def create_from_parts(out_dir: PathLike, *, trees: PathLike, encoder_weights: Pa
     tree_data, booster = _tree_bytes(trees)
     if tree_version is None:
         tree_version = f"{pathlib.Path(trees).stem}-{hashlib.sha256(tree_data).hexdigest()[:8]}"
-    extra = {}
+    extra: dict[str, bytes | str | PathLike] = {}
     if model_card is not None:
         extra["model_card.json"] = pathlib.Path(model_card)
     if model_card_md is not None:
         extra["model_card.md"] = pathlib.Path(model_card_md)
+    extra.update(extra_files or {})         # e.g. monitoring.json (runtime/monitoring/drift.py)
     if bundle_id is None:
         h = hashlib.sha256()
         for part in (tree_data, w, json.dumps([cfg.to_dict(), schema.to_dict(), pol.to_dict(),

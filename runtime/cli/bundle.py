@@ -60,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     c.add_argument("--tree-version", default=None, help="default: <trees stem>-<sha256[:8]>")
     c.add_argument("--model-card", default=None, help="model card (JSON)")
     c.add_argument("--model-card-md", default=None, help="model card (Markdown)")
+    c.add_argument("--monitoring-sample", default=None, metavar="FILE",
+                   help="development sample (requests JSONL, a few thousand applicants from the population the "
+                        "model was built for, ideally not its training rows): scored by the new bundle, its "
+                        "statistics become the bundle's monitoring.json, the drift baseline (README: Operating uwrt)")
+    c.add_argument("--monitoring", default=None, metavar="FILE",
+                   help="a monitoring.json computed elsewhere (uwrt-monitoring format); instead of --monitoring-sample")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     c.set_defaults(func=cmd_create)
 
@@ -108,13 +114,19 @@ def _fail(e: BundleError) -> int:
 def cmd_create(args: argparse.Namespace) -> int:
     """Handler of `uwrt bundle create`."""
     from uwrt.runtime.bundle.bundle import create_from_parts  # imported on use: `uwrt --help` stays light
+    kw = dict(trees=args.trees, encoder_weights=args.encoder_weights,
+              encoder_config=args.encoder_config, feature_schema=args.feature_schema,
+              policy=args.policy, bundle_id=args.bundle_id, tree_version=args.tree_version,
+              model_card=args.model_card, model_card_md=args.model_card_md, request_limits=args.request_limits,
+              created_by=f"uwrt {__version__} bundle create")
+    if args.monitoring and args.monitoring_sample:
+        return _fail(BundleError("give --monitoring or --monitoring-sample, not both"))
     try:
-        b = create_from_parts(
-            args.out, trees=args.trees, encoder_weights=args.encoder_weights,
-            encoder_config=args.encoder_config, feature_schema=args.feature_schema,
-            policy=args.policy, bundle_id=args.bundle_id, tree_version=args.tree_version,
-            model_card=args.model_card, model_card_md=args.model_card_md, request_limits=args.request_limits,
-            created_by=f"uwrt {__version__} bundle create", overwrite=args.overwrite)
+        extra = {} if not args.monitoring else {"monitoring.json": _checked_monitoring(args.monitoring, args)}
+        b = create_from_parts(args.out, overwrite=args.overwrite, extra_files=extra, **kw)
+        if args.monitoring_sample:      # score the sample with the bundle just built, then add its statistics
+            b = create_from_parts(args.out, overwrite=True, **kw, extra_files={
+                "monitoring.json": _sample_monitoring(b, args.monitoring_sample)})
     except BundleError as e:
         return _fail(e)
     print(f"bundle_id      {b.bundle_id}")
@@ -123,6 +135,38 @@ def cmd_create(args: argparse.Namespace) -> int:
     from uwrt.runtime.pipeline import prepare_bundle_caches
     print(prepare_bundle_caches(b.path), flush=True)
     return 0
+
+
+def _checked_monitoring(path: str, args: argparse.Namespace) -> bytes:
+    """A given monitoring.json, validated against the schema being bundled."""
+    from uwrt.runtime.bundle.schema import FeatureSchema
+    from uwrt.runtime.monitoring.drift import MonitoringStats
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        with open(args.feature_schema, encoding="utf-8") as fh:
+            schema = FeatureSchema.from_dict(json.load(fh))
+        MonitoringStats.from_dict(json.loads(data)).check_schema(
+            [f.name for f in schema.features if f.source != "embedding"])
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"--monitoring {path}: {e}") from None
+    return data
+
+
+def _sample_monitoring(b: Bundle, sample: str) -> str:
+    """monitoring.json text from a development sample (requests JSONL) scored by bundle `b`."""
+    from uwrt.runtime.cli.drift import development_stats
+    from uwrt.runtime.jsonl import read_jsonl
+    from uwrt.runtime.pipeline import Pipeline
+    try:
+        with open(sample, encoding="utf-8") as fh:
+            requests = list(read_jsonl(fh))
+        stats = development_stats(Pipeline.from_dir(b.path), requests,
+                                  source=f"--monitoring-sample {sample} ({len(requests)} requests)")
+    except (OSError, ValueError) as e:
+        raise BundleError(f"--monitoring-sample {sample}: {e}") from None
+    print(f"monitoring.json from {stats.n} development-sample decisions ({sample})", file=sys.stderr)
+    return stats.to_json()
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from uwrt.demo.synth import generate
     from uwrt.runtime.jsonl import write_jsonl
     t0 = time.perf_counter()
-    data = generate(args.n, args.seed, id_prefix=args.id_prefix)
+    data = generate(args.n, args.seed, id_prefix=args.id_prefix, drift=args.drift)
     with _open_out(args.out) as fh:
         write_jsonl(data.requests, fh)
     print(f"wrote {args.n} requests (seed {args.seed}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -156,6 +156,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ports.PortUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
+    if cfg.metrics_port:     # the metrics endpoint's port, as early (runtime/serving/metrics.py)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)     # uwrt manages its own (several workers)
+        from uwrt.runtime.serving.metrics import check_port
+        try:
+            check_port(cfg.metrics_host or cfg.host, cfg.metrics_port)
+        except ports.PortUnavailable as e:
+            if held is not None:
+                held.close()
+            print(f"error: {e}", file=sys.stderr)
+            return 4
     bundle = cfg.bundle or DEFAULT_BUNDLE
     if not cfg.bundle and not os.path.exists(os.path.join(bundle, "manifest.json")):
         from uwrt.demo.train import DemoConfig, build_demo
@@ -206,6 +216,10 @@ def _add_generate(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--id-prefix", default="app-", help="request id prefix (default 'app-')")
     g.add_argument("--out", default="-", help="output file (default: stdout)")
+    g.add_argument("--drift", type=float, default=0.0,
+                   help="shift of the applicants' mean latent risk, in standard deviations, growing from 0 at the "
+                        "earliest as_of to DRIFT at the latest (mean shift DRIFT/2): a riskier mix on purpose, e.g. "
+                        "to see `uwrt drift` and the server's PSI gauges move (default 0: the training population)")
     g.set_defaults(func=cmd_generate)
 
 
@@ -270,6 +284,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proto": ("write the API's .proto and a descriptor set for clients in other languages",
               "uwrt.runtime.cli.proto:register"),
     "audit": ("verify, show and replay the decision log", "uwrt.runtime.cli.audit:register"),
+    "drift": ("PSI of a request file against the bundle's development sample", "uwrt.runtime.cli.drift:register"),
 }
 
 

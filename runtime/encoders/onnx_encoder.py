@@ -601,6 +601,8 @@ class OnnxEncoderBackend:
     `encode` is safe to call from several threads (ORT sessions are), though the pipeline calls
     it from one; ORT releases the GIL for the whole run."""
     name = "onnx"
+    #: encode may run on another thread while the model thread encodes (Explain uses this)
+    reentrant = True
 
     def __init__(self, cfg: EncoderConfig, state: Mapping[str, torch.Tensor], *, device: str = "cpu",
                  intra_op_threads: int = 1, inter_op_threads: int = 1, optimization: str = "ort",

@@ -53,6 +53,12 @@ class WarningCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HISTORY_TRUNCATED: _ClassVar[WarningCode]
     FEATURE_IMPUTED: _ClassVar[WarningCode]
     EMPTY_HISTORY: _ClassVar[WarningCode]
+
+class ReasonsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REASONS_MODE_UNSPECIFIED: _ClassVar[ReasonsMode]
+    REASONS_INLINE: _ClassVar[ReasonsMode]
+    REASONS_DEFERRED: _ClassVar[ReasonsMode]
 PRODUCT_UNSPECIFIED: Product
 PAY_IN_4: Product
 MONTHLY: Product
@@ -81,6 +87,9 @@ WARNING_CODE_UNSPECIFIED: WarningCode
 HISTORY_TRUNCATED: WarningCode
 FEATURE_IMPUTED: WarningCode
 EMPTY_HISTORY: WarningCode
+REASONS_MODE_UNSPECIFIED: ReasonsMode
+REASONS_INLINE: ReasonsMode
+REASONS_DEFERRED: ReasonsMode
 
 class DecisionRequest(_message.Message):
     __slots__ = ("request_id", "as_of", "purchase", "features", "history", "priority")
@@ -188,7 +197,7 @@ class Timing(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., featurize_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., trees_us: _Optional[int] = ..., policy_us: _Optional[int] = ..., total_us: _Optional[int] = ...) -> None: ...
 
 class DecisionResponse(_message.Message):
-    __slots__ = ("request_id", "outcome", "probability_of_default", "score", "reasons", "model", "path", "warnings", "timing", "counteroffer_amount_minor", "error")
+    __slots__ = ("request_id", "outcome", "probability_of_default", "score", "reasons", "model", "path", "warnings", "timing", "counteroffer_amount_minor", "error", "reasons_mode")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_OF_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +209,7 @@ class DecisionResponse(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     COUNTEROFFER_AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REASONS_MODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     outcome: Outcome
     probability_of_default: float
@@ -211,7 +221,8 @@ class DecisionResponse(_message.Message):
     timing: Timing
     counteroffer_amount_minor: int
     error: RequestError
-    def __init__(self, request_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., probability_of_default: _Optional[float] = ..., score: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., path: _Optional[_Union[DecisionPath, str]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., counteroffer_amount_minor: _Optional[int] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+    reasons_mode: ReasonsMode
+    def __init__(self, request_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., probability_of_default: _Optional[float] = ..., score: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., path: _Optional[_Union[DecisionPath, str]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., counteroffer_amount_minor: _Optional[int] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ..., reasons_mode: _Optional[_Union[ReasonsMode, str]] = ...) -> None: ...
 
 class RequestError(_message.Message):
     __slots__ = ("code", "message", "field")
@@ -281,3 +292,63 @@ class ModelInfo(_message.Message):
     settings: _containers.ScalarMap[str, str]
     degraded: bool
     def __init__(self, model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., policy: _Optional[_Union[PolicyInfo, _Mapping]] = ..., max_history: _Optional[int] = ..., profile: _Optional[str] = ..., encoder_backend: _Optional[str] = ..., tree_backend: _Optional[str] = ..., settings: _Optional[_Mapping[str, str]] = ..., degraded: _Optional[bool] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("request_id", "request")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    request: DecisionRequest
+    def __init__(self, request_id: _Optional[str] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ...) -> None: ...
+
+class ReasonGroup(_message.Message):
+    __slots__ = ("code", "text", "contribution")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    text: str
+    contribution: float
+    def __init__(self, code: _Optional[str] = ..., text: _Optional[str] = ..., contribution: _Optional[float] = ...) -> None: ...
+
+class FeatureContribution(_message.Message):
+    __slots__ = ("name", "value", "contribution", "reason_code")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_CODE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    contribution: float
+    reason_code: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., contribution: _Optional[float] = ..., reason_code: _Optional[str] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("request_id", "outcome", "probability_of_default", "score", "reasons", "groups", "features", "base_margin", "margin", "model", "source", "queue_us", "compute_us")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_OF_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    BASE_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_US_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    outcome: Outcome
+    probability_of_default: float
+    score: float
+    reasons: _containers.RepeatedCompositeFieldContainer[Reason]
+    groups: _containers.RepeatedCompositeFieldContainer[ReasonGroup]
+    features: _containers.RepeatedCompositeFieldContainer[FeatureContribution]
+    base_margin: float
+    margin: float
+    model: ModelIdentity
+    source: str
+    queue_us: int
+    compute_us: int
+    def __init__(self, request_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., probability_of_default: _Optional[float] = ..., score: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ReasonGroup, _Mapping]]] = ..., features: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ..., base_margin: _Optional[float] = ..., margin: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., source: _Optional[str] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ...) -> None: ...

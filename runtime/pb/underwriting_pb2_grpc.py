@@ -50,6 +50,11 @@ class UnderwritingStub:
                 request_serializer=uwrt_dot_v1_dot_underwriting__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=uwrt_dot_v1_dot_underwriting__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/uwrt.v1.Underwriting/Explain',
+                request_serializer=uwrt_dot_v1_dot_underwriting__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=uwrt_dot_v1_dot_underwriting__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class UnderwritingServicer:
@@ -77,6 +82,16 @@ class UnderwritingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """The full TreeSHAP attribution of a decision: every reason group and every feature's
+        contribution. By request id (a recent decision of the worker that answers) or for a full
+        request. Computed off the decision path, on its own thread at a lower priority, with its
+        own deadline (README: Explain).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UnderwritingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +109,11 @@ def add_UnderwritingServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=uwrt_dot_v1_dot_underwriting__pb2.GetModelInfoRequest.FromString,
                     response_serializer=uwrt_dot_v1_dot_underwriting__pb2.ModelInfo.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=uwrt_dot_v1_dot_underwriting__pb2.ExplainRequest.FromString,
+                    response_serializer=uwrt_dot_v1_dot_underwriting__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +197,33 @@ class Underwriting:
             '/uwrt.v1.Underwriting/GetModelInfo',
             uwrt_dot_v1_dot_underwriting__pb2.GetModelInfoRequest.SerializeToString,
             uwrt_dot_v1_dot_underwriting__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/uwrt.v1.Underwriting/Explain',
+            uwrt_dot_v1_dot_underwriting__pb2.ExplainRequest.SerializeToString,
+            uwrt_dot_v1_dot_underwriting__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,8 @@ from uwrt.runtime.serving import limits, security, wire
 from uwrt.runtime.serving.admin import ADMIN_SERVICE_NAME, AdminService
 from uwrt.runtime.serving.audit import Audit, AuditItem, ClaimBusy, WaitForClaim, open_audit
 from uwrt.runtime.serving.batcher import Batcher, MonotonicClock, _Entry
+from uwrt.runtime.serving.explain import ExplainService
+from uwrt.runtime.serving.observe import Observer
 from uwrt.runtime.serving.ports import PortUnavailable, format_address
 from uwrt.runtime.serving.ratelog import RateLimitedLog
 from uwrt.runtime.serving.reload import LocalReloader
@@ -126,6 +128,11 @@ class ServingRuntime:
         self.gc_stats = _GcStats()
         self._gc_before: tuple[int, int, int] | None = None
         self.priority_ignored = 0            # requests with priority > 0 from callers without the role
+        # observability (runtime/serving/observe.py: metrics, drift, tracing) and Explain
+        self.obs = Observer(pipeline, cfg, self.batcher, tracing=_tracing(cfg))
+        self.explain = ExplainService(pipeline, self.obs.cache, timeout_s=cfg.explain_timeout_s,
+                                      max_queue=cfg.explain_max_queue, model_executor=self.executor)
+        self.info_sources += [self.obs.info, self.explain.info]
         #: decision records and idempotency (runtime/serving/audit.py); None when records_dir is empty
         self.audit: Audit | None = None
 
@@ -154,6 +161,7 @@ class ServingRuntime:
         if self.cfg.gc_threshold:
             gc.set_threshold(*self.cfg.gc_threshold)
         self.gc_stats.install()
+        self.obs.install()          # after warm-up: warm-up batches are not observed
         log.info("gc after warm-up: %s, thresholds %s, %d objects frozen", self.cfg.gc_after_warmup,
                  gc.get_threshold(), gc.get_freeze_count())
 
@@ -197,6 +205,8 @@ class ServingRuntime:
         old = self.pipeline
         self.pipeline = pipeline
         self.max_history = pipeline.encoder_config.max_history
+        self.obs.swap(old, pipeline)          # metrics hook, bundle info and drift baseline of the new bundle
+        self.explain.pipe = pipeline
         for n, tokens, us in timings:
             self.batcher.cost.observe(n, tokens, us)
         return old
@@ -317,6 +327,8 @@ class ServingRuntime:
         """True when every queued and running request finished within grace_s."""
         ok = await self.batcher.drain(grace_s)
         self.executor.shutdown(wait=True)
+        self.explain.shutdown()
+        self.obs.close()
         self.gc_stats.uninstall()
         s = self.batcher.stats()
         log.info("gc while serving: %s (%d requests)", self.gc_stats.summary(), s["requests"])
@@ -388,21 +400,43 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         await audit.record_error(AuditItem(req, time.perf_counter_ns(), time.time_ns(), rpc), e)
 
     async def Decide(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.DecisionResponse:
+        t0 = time.perf_counter_ns()
         try:
             req = wire.parse(request, pb.DecisionRequest, self.max_bytes)
         except InvalidRequest as e:
             _refused("Decide", context, e)
+            self.rt.obs.rpc_done("Decide", e.code.name, t0)
             await self._record_refused(request, e, rec.RPC_DECIDE)
             await context.abort(e.code, str(e))
         try:
-            return await self.rt.decide(req, time_remaining_s=context.time_remaining(), size=len(request),
+            resp = await self.rt.decide(req, time_remaining_s=context.time_remaining(), size=len(request),
                                         priority_allowed=security.may_set_priority())
         except asyncio.CancelledError:
+            self.rt.obs.rpc_done("Decide", "CANCELLED", t0)
             raise
         except Exception as e:  # noqa: BLE001 - every error becomes a status, never a crash
             code, msg = _status_of(e)
+            self.rt.obs.rpc_done("Decide", code.name, t0)
             await context.abort(code, msg)
             raise AssertionError("unreachable: ServicerContext.abort raises") from e
+        self.rt.obs.rpc_done("Decide", "OK", t0, resp)
+        return resp
+
+    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+        """The full TreeSHAP attribution, off the decision path (runtime/serving/explain.py)."""
+        t0 = time.perf_counter_ns()
+        try:
+            resp = await self.rt.explain.explain(request, context.time_remaining())
+        except asyncio.CancelledError:
+            self.rt.obs.rpc_done("Explain", "CANCELLED", t0)
+            raise
+        except Exception as e:  # noqa: BLE001 - every error becomes a status, never a crash
+            code, msg = _status_of(e)
+            self.rt.obs.rpc_done("Explain", code.name, t0)
+            await context.abort(code, msg)
+            raise AssertionError("unreachable: ServicerContext.abort raises") from e
+        self.rt.obs.rpc_done("Explain", "OK", t0)
+        return resp
 
     async def DecideStream(self, request_iterator: AsyncIterator[bytes],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecisionResponse]:
@@ -434,8 +468,10 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                 exc = fut.exception()
                 try:
                     resp = rt.finish(exc if exc is not None else fut.result(), entry.queue_us, t0)
+                    rt.obs.rpc_done("DecideStream", "OK", t0, resp)
                 except Exception as e:  # noqa: BLE001 - in-band, never a broken stream
                     resp = error_response(req.request_id, e)
+                    rt.obs.rpc_done("DecideStream", resp.error.code, t0)
                 out.put_nowait(resp)
             if not reading and not live:
                 out.put_nowait(None)
@@ -449,13 +485,16 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                         req = wire.parse(data, pb.DecisionRequest, self.max_bytes)
                     except InvalidRequest as e:
                         _refused("DecideStream", context, e)
+                        rt.obs.rpc_done("DecideStream", e.code.name, t0)
                         out.put_nowait(error_response("", e))
                     else:
                         try:
                             entry = rt.enqueue(req, context.time_remaining(), size=len(data),
                                                priority_allowed=priority_allowed)
                         except Exception as e:  # noqa: BLE001
-                            out.put_nowait(error_response(req.request_id, e))
+                            resp = error_response(req.request_id, e)
+                            rt.obs.rpc_done("DecideStream", resp.error.code, t0)
+                            out.put_nowait(resp)
                         else:
                             live[id(entry)] = entry
                             entry.future.add_done_callback(functools.partial(done, req, entry, t0))
@@ -496,17 +535,20 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         space: asyncio.Event | None = None       # set by the writer when the waiting reader may go on
         priority_allowed = security.may_set_priority()
 
-        async def one(req: pb.DecisionRequest, size: int) -> None:
+        async def one(req: pb.DecisionRequest, size: int, t0: int) -> None:
             try:
                 resp = await rt.decide(req, time_remaining_s=context.time_remaining(), size=size,
                                        priority_allowed=priority_allowed, rpc=rec.RPC_DECIDE_STREAM)
+                rt.obs.rpc_done("DecideStream", "OK", t0, resp)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - in-band, never a broken stream
                 resp = _error_response(req.request_id, e)
+                rt.obs.rpc_done("DecideStream", resp.error.code, t0)
             out.put_nowait(resp)
 
-        async def refused(data: bytes, e: InvalidRequest) -> None:
+        async def refused(data: bytes, e: InvalidRequest, t0: int) -> None:
+            rt.obs.rpc_done("DecideStream", e.code.name, t0)
             await self._record_refused(data, e, rec.RPC_DECIDE_STREAM)
             out.put_nowait(_error_response("", e))
 
@@ -519,13 +561,14 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
             nonlocal reading, space
             try:
                 async for data in request_iterator:
+                    t0 = time.perf_counter_ns()
                     try:
                         req = wire.parse(data, pb.DecisionRequest, self.max_bytes)
                     except InvalidRequest as e:
                         _refused("DecideStream", context, e)
-                        task = asyncio.ensure_future(refused(data, e))
+                        task = asyncio.ensure_future(refused(data, e, t0))
                     else:
-                        task = asyncio.ensure_future(one(req, len(data)))
+                        task = asyncio.ensure_future(one(req, len(data), t0))
                     live.add(task)
                     task.add_done_callback(done)
                     if len(live) + out.qsize() >= max_pending:
@@ -553,7 +596,10 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                 task.cancel()
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return self.rt.model_info(full=security.may_introspect(self.rt.cfg.security))
+        t0 = time.perf_counter_ns()
+        info = self.rt.model_info(full=security.may_introspect(self.rt.cfg.security))
+        self.rt.obs.rpc_done("GetModelInfo", "OK", t0)
+        return info
 
 
 class Server:
@@ -570,7 +616,11 @@ class Server:
         self.cfg = cfg
         self.rt = ServingRuntime(pipeline, cfg, profile=profile, profile_reason=profile_reason)
         self.rt.audit = open_audit(cfg, writer_index, recover_all=recover_all)
+        if self.rt.audit is not None:
+            self.rt.obs.attach_audit(self.rt.audit)
         self.shadow = attach_shadow(self.rt, cfg, build_pipeline)     # the challenger (runtime/serving/shadow.py)
+        if self.shadow is not None:
+            self.rt.obs.attach_shadow(self.shadow)
         self.health = health.aio.HealthServicer()
         self.credentials = security.server_credentials(cfg.security)     # raises SecurityError
         self.interceptors = security.interceptors(cfg.security, on_denied=_denied)
@@ -704,10 +754,27 @@ async def serve(pipeline: Pipeline, cfg: RuntimeConfig, *, profile: str = "cpu",
         reloads.add(f)
         f.add_done_callback(reloads.discard)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await server.start()
-    print(f"uwrt serving on {cfg.host}:{server.port}", flush=True)
-    await stop.wait()
-    return 0 if await server.stop() else 6
+    http = None
+    if cfg.metrics_port:      # /metrics from its own thread (runtime/serving/metrics.py)
+        from uwrt.runtime.serving.metrics import single_process_endpoint
+        http = single_process_endpoint(cfg.metrics_host or cfg.host, cfg.metrics_port)
+    try:
+        await server.start()
+        print(f"uwrt serving on {cfg.host}:{server.port}", flush=True)
+        await stop.wait()
+        return 0 if await server.stop() else 6
+    finally:
+        if http is not None:
+            http.shutdown()
+
+
+def _tracing(cfg: RuntimeConfig):
+    """The process's Tracing when trace_sample_ratio > 0 (raises TracingUnavailable when its exporter
+    cannot be built); None otherwise: no OpenTelemetry import, no per-request work."""
+    if cfg.trace_sample_ratio <= 0:
+        return None
+    from uwrt.runtime.serving.tracing import Tracing, build_exporter
+    return Tracing(cfg.trace_sample_ratio, build_exporter(cfg.trace_exporter))
 
 
 def build_pipeline(cfg: RuntimeConfig, bundle_dir: str) -> Pipeline:

@@ -152,6 +152,12 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self.metrics = None       # the one /metrics over every worker (runtime/serving/metrics.py)
+        if cfg.metrics_port:
+            from uwrt.runtime.serving.metrics import SupervisorEndpoint
+            self.metrics = SupervisorEndpoint(self.tmpdir, cfg.metrics_host or cfg.host, cfg.metrics_port,
+                                              bundle=self.bundle, min_decisions=cfg.drift_min_decisions)
+            self.metrics.watch_cpu(lambda: [(w.index, w.pid) for w in self.workers if w.pid is not None])
 
     # ------------------------------------------------------------------ public
 
@@ -163,6 +169,8 @@ class Supervisor:
         try:
             log.info("starting %s on %s; bundle %s, digest %s (from %s)", self.plan.describe(), self.res.address,
                      self.bundle, self.digest[:12], self.digest_source)
+            if self.metrics is not None:
+                self.metrics.start()
             self._publish()
             self._recover_records(None)      # every writer directory, before any worker writes
             for w in self.workers:
@@ -182,6 +190,8 @@ class Supervisor:
             signal.set_wakeup_fd(old_fd)
             for s, h in old.items():
                 signal.signal(s, h)
+            if self.metrics is not None:
+                self.metrics.close()
             self.sel.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -431,6 +441,8 @@ class Supervisor:
             w.status_fd = None
         w.last_exit = describe_exit(rc)
         pid, w.buf = w.proc.pid, b""
+        if self.metrics is not None:
+            self.metrics.worker_exited(pid)
         if w.proc.stdin is not None:
             try:
                 w.proc.stdin.close()
@@ -503,6 +515,9 @@ class Supervisor:
         r, wfd = os.pipe()
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if self.metrics is not None:
+            env.update(self.metrics.env())
         w.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, "--status-fd", str(wfd)],
                                   stdin=subprocess.PIPE, pass_fds=(wfd,), start_new_session=True, env=env)
         os.close(wfd)
@@ -534,6 +549,8 @@ class Supervisor:
                 pass
 
     def _publish(self) -> None:
+        if self.metrics is not None:
+            self.metrics.update([w.state for w in self.workers], self.restarts)
         write_status(self.status_file, {
             "supervisor_pid": os.getpid(), "address": self.res.address, "count": len(self.workers),
             "digest": self.digest, "restarts": self.restarts, "refused": self.refused, "phase": self.phase,

@@ -27,7 +27,7 @@ from tests.deploy.conftest import Driver, comparable, decide_all, needs_haproxy,
 from uwrt.runtime.pb import pb, pb_grpc
 
 pytestmark = [pytest.mark.slow, needs_haproxy]
-SERVE_ARGS = ("--max-queue-delay-us", "5000000", "--max-queue", "4096")
+SERVE_ARGS = ("--max-queue-delay-us", "5000000", "--max-queue", "4096", "--model-info-exposure", "full")
 DEADLINE_S = 10.0           # per request: far above any latency on a loaded 2-core machine
 
 

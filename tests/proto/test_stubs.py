@@ -19,9 +19,11 @@ def test_committed_stubs_are_fresh():
 def test_service_shape():
     svc = pb.DESCRIPTOR.services_by_name["Underwriting"]
     m = {x.name: x for x in svc.methods}
-    assert set(m) == {"Decide", "DecideStream", "GetModelInfo"}
+    assert set(m) == {"Decide", "DecideStream", "GetModelInfo", "Explain"}
     assert m["DecideStream"].client_streaming and m["DecideStream"].server_streaming
-    assert not m["Decide"].client_streaming and not m["Decide"].server_streaming
+    for unary in ("Decide", "GetModelInfo", "Explain"):
+        assert not m[unary].client_streaming and not m[unary].server_streaming
+    assert m["Explain"].input_type.name == "ExplainRequest" and m["Explain"].output_type.name == "ExplainResponse"
 
 
 def test_history_columns_are_packed():

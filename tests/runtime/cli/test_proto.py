@@ -31,7 +31,7 @@ def test_protoset_holds_the_api_the_health_service_and_their_imports(exported):
     for f in fds.file:
         pool.Add(f)
     uw = pool.FindServiceByName("uwrt.v1.Underwriting")
-    assert {m.name for m in uw.methods} == {"Decide", "DecideStream", "GetModelInfo"}
+    assert {m.name for m in uw.methods} == {"Decide", "DecideStream", "GetModelInfo", "Explain"}
     health = pool.FindServiceByName("grpc.health.v1.Health")
     assert {"Check", "Watch"} <= {m.name for m in health.methods}
     assert pool.FindMessageTypeByName("uwrt.v1.DecisionRequest").fields_by_name["as_of"].message_type.full_name \
