@@ -180,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "records_format.json"))
     args = p.parse_args(argv)
-    import pyarrow
+    try:
+        import pyarrow
+    except ImportError:
+        print("bench/records_format.py needs pyarrow: pip install -r requirements/bench.txt", file=sys.stderr)
+        return 2
     recs = make_records(args.bundle, args.n)
     batches = [int(x) for x in args.batches.split(",")]
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="uwrt-records-format-", dir="/var/tmp"))
