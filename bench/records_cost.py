@@ -121,10 +121,10 @@ def _med(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def summarize(rows: list[dict], rates: list[float]) -> list[dict]:
+def summarize(rows: list[dict], rates: list[float], configs: tuple[str, ...] = CONFIGS) -> list[dict]:
     out = []
     for rate in rates:
-        for config in CONFIGS:
+        for config in configs:
             rs = [r for r in rows if r["config"] == config and r["target_rps"] == rate]
             out.append({"config": config, "rate": rate, "rounds": len(rs),
                         "p50_ms": _med([r["p50_ms"] for r in rs]), "p99_ms": _med([r["p99_ms"] for r in rs]),
@@ -190,14 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per step (default 20)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--records-root", default="", help="where the logs go (default: a new dir in /var/tmp)")
-    p.add_argument("--no-reload", action="store_true", help="skip the reload-under-load step")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"configurations to run (default {','.join(CONFIGS)})")
+    p.add_argument("--no-reload", action="store_true", help="skip the reload-under-load step (needs fsync)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "records_cost.json"))
     args = p.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",")]
+    configs = tuple(c for c in args.configs.split(",") if c)
+    if not set(configs) <= set(CONFIGS):
+        p.error(f"--configs: choose from {', '.join(CONFIGS)}")
     root = pathlib.Path(args.records_root or tempfile.mkdtemp(prefix="uwrt-records-cost-", dir="/var/tmp"))
     fs = subprocess.run(["df", "-T", str(root)], capture_output=True, text=True).stdout.splitlines()[-1:]
     meta = dict(loadgen.machine_meta(), command=sys.argv, bundle=args.bundle, rates=rates, duration_s=args.duration,
-                rounds=args.rounds, records_root=str(root), records_fs=fs,
+                rounds=args.rounds, configs=configs, records_root=str(root), records_fs=fs,
                 uptime=subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
                 top=subprocess.run(["top", "-bn1"], capture_output=True, text=True).stdout.splitlines()[:15])
     print(f"logs under {root} ({fs}); {meta['uptime']}", flush=True)
@@ -207,33 +211,33 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     rel = None
     try:
-        for c in CONFIGS:
+        for c in configs:
             srv = ServerProcess("uwrt", server_command("uwrt", args.bundle, serve_flags(c, root)), 600)
             servers[c] = srv
             targets[c] = srv.target
             print(f"{c}: serving on {targets[c]} (pid {srv.proc.pid})", flush=True)
         for rnd in range(args.rounds):
-            for c in _rotated(CONFIGS, rnd):
+            for c in _rotated(configs, rnd):
                 loadgen.run_step(targets[c], StepSpec(rate=100, duration_s=1.0, tag=f"w{rnd}{c}"), source)
                 for rate in rates:
                     spec = StepSpec(rate=rate, duration_s=args.duration, timeout_s=1.0, seed=rnd + 1,
                                     tag=f"r{rnd}-{c}-{rate:g}")
                     rows.append(dict(run_step(servers[c], targets[c], c, spec, source), round=rnd))
                     _print(rows[-1])
-        if not args.no_reload:
+        if not args.no_reload and "fsync" in configs:
             rel = reload_under_load(servers["fsync"], targets["fsync"], rates[0], args.duration, source)
             print(f"reload under load: {json.dumps(rel)}", flush=True)
     finally:
         for srv in servers.values():
             srv.stop()
     verify = {}
-    for c in CONFIGS[1:]:
+    for c in (c for c in configs if c != "off"):
         r = subprocess.run([sys.executable, "-m", "uwrt.runtime.cli", "audit", "verify", str(root / c)],
                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         verify[c] = {"rc": r.returncode, "last": (r.stdout.strip().splitlines() or [""])[-1]}
     meta["loadavg_end"] = os.getloadavg()
     meta["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    summary = summarize(rows, rates)
+    summary = summarize(rows, rates, configs)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "steps": rows, "summary": summary, "reload": rel, "verify": verify},
