@@ -44,14 +44,14 @@ if str(ROOT) not in sys.path:
 
 from deploy.cluster import Balancer, HAProxySettings, Replica, free_port, serve_flags  # noqa: E402
 from uwrt.bench import loadgen  # noqa: E402
-from uwrt.bench.loadgen import StepSpec  # noqa: E402
+from uwrt.bench.loadgen import StepSpec, cpus  # noqa: E402
 from uwrt.bench.loadgen.traffic import RequestSource  # noqa: E402
 
 CONFIGS = ("direct", "lb-1", "lb-2", "lb-3")
 
 
 def proc_cpu_s(pids: list[int]) -> float:
-    return sum(loadgen.proc_cpu_s(p) for p in pids)
+    return sum(cpus.proc_cpu_s(p) for p in pids)
 
 
 def _rotated(items: tuple[str, ...], k: int) -> list[str]:

@@ -107,9 +107,20 @@ class Audit:
         #: called on the writer thread with (items, responses) of every durable batch's decisions
         #: (the shadow scorer, runtime/serving/shadow.py)
         self.on_decided: Callable[[list[AuditItem], list[pb.DecisionResponse]], None] | None = None
+        #: METRICS HOOK (the observability work's Prometheus exporter plugs in here; until then
+        #: GetModelInfo `records.*` is the export): `metrics_hook(name, labels, value)` for every
+        #: counter increment: `uwrt_records_written_total` (records made durable, per writer),
+        #: `uwrt_records_<count>_total` for each of `counts`. Called from the model thread, the
+        #: writer thread and the event loop: it must be thread safe (a prometheus_client Counter is).
+        self.metrics_hook: Callable[[str, str, float], None] | None = None
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+        if self.metrics_hook is not None:
+            self.metrics_hook(f"uwrt_records_{name}_total", f"writer={self.log.writer}", float(n))
 
     # ---------------------------------------------------------------- records
 
@@ -169,12 +180,12 @@ class Audit:
                 resp.ParseFromString(c.response)
                 resp.path = pb.REPLAY
                 results[k] = resp
-                self.counts["replays"] += 1
+                self._count("replays")
                 bodies.append(self.decision_body(rec.KIND_REPLAY, it, raws[k], resp.SerializeToString(), ctx,
                                                  _fb(20, c.writer.encode()) + _fv(21, c.seq)))
                 body_pos.append((k, "", b""))
             elif c.state == CONFLICT:
-                self.counts["conflicts"] += 1
+                self._count("conflicts")
                 results[k] = AlreadyDecided(
                     f"request_id {it.req.request_id!r} was already used for a different request (stored digest "
                     f"{c.digest.hex()[:16]}, this one {it.digest.hex()[:16]}); use a new request id")
@@ -231,6 +242,8 @@ class Audit:
                 fut.set_exception(e)
                 return
             fut.set_result(results)
+            if self.metrics_hook is not None:
+                self.metrics_hook("uwrt_records_written_total", f"writer={writer}", float(len(bodies)))
             if self.on_decided is not None:
                 dec = [(items[k], results[k]) for k, _, rb in body_pos if rb]
                 if dec:
@@ -249,6 +262,9 @@ class Audit:
         f = loop.create_future()
 
         def then(x: int | BaseException) -> None:
+            if self.metrics_hook is not None and isinstance(x, int):
+                self.metrics_hook("uwrt_records_written_total", f"writer={self.log.writer}", float(len(bodies)))
+
             def settle() -> None:
                 if not f.done():
                     f.set_result(x)
@@ -274,7 +290,7 @@ class Audit:
         body = self.error_body(item, e, raw)
         if raw is None:
             body += _fb(8, _bounded_prefix(item.req))
-        self.counts["errors_recorded"] += 1
+        self._count("errors_recorded")
         return self._durable([body])
 
     async def record_replay(self, item: AuditItem, resp: pb.DecisionResponse, writer: str, seq: int) -> None:
@@ -295,7 +311,7 @@ class Audit:
         replay (recorded), None when the claim was released (decide it now), raises
         AlreadyDecided or ClaimBusy."""
         assert self.index is not None
-        self.counts["waits"] += 1
+        self._count("waits")
         loop = asyncio.get_running_loop()
         budget = self.cfg.idempotency_wait_s if time_remaining_s is None else min(self.cfg.idempotency_wait_s,
                                                                                   max(0.0, time_remaining_s - 0.002))
@@ -314,11 +330,11 @@ class Audit:
                 resp = pb.DecisionResponse()
                 resp.ParseFromString(c.response)
                 resp.path = pb.REPLAY
-                self.counts["replays"] += 1
+                self._count("replays")
                 await self.record_replay(item, resp, c.writer, c.seq)
                 return resp
             if loop.time() + pause > end:
-                self.counts["wait_timeouts"] += 1
+                self._count("wait_timeouts")
                 e2 = ClaimBusy(f"request_id {w.request_id!r} is being decided by another request ({w.owner}) that "
                                f"has not finished; retry")
                 await self.record_error(item, e2)

@@ -94,12 +94,14 @@ METRIC_NAMES: dict[str, str] = {
     "uwrt_drift_psi": "gauge",
     "uwrt_drift_outcome_share": "gauge",
     "uwrt_drift_expected_outcome_share": "gauge",
+    "uwrt_reloads_total": "counter",
 }
 #: only when the feature is on: decision records (records_dir), the challenger (shadow_bundle)
 CONDITIONAL_METRIC_NAMES: dict[str, str] = {
     "uwrt_records_written_total": "counter",
     "uwrt_records_fsyncs_total": "counter",
     "uwrt_records_write_failures_total": "counter",
+    "uwrt_records_idempotency_total": "counter",
     "uwrt_shadow_decisions_total": "counter",
     "uwrt_shadow_score_abs_diff": "histogram",
 }
@@ -289,6 +291,13 @@ class ServerMetrics:
         self.records_fsyncs = Counter("uwrt_records_fsyncs", "fdatasync calls of the decision log", registry=reg)
         self.records_failures = Counter("uwrt_records_write_failures", "Decision log writes that failed",
                                         registry=reg)
+        self.records_idempotency = Counter("uwrt_records_idempotency", "Idempotency events by result: replays "
+                                           "(a stored decision sent again), conflicts (ALREADY_EXISTS), waits "
+                                           "(a duplicate waited for the first), wait_timeouts, errors_recorded",
+                                           ["result"], registry=reg)
+        self.reloads = Counter("uwrt_reloads", "Hot reloads by result (ok, refused)", ["result"], registry=reg)
+        for result in ("ok", "refused"):
+            self.reloads.labels(result)
         self.shadow_decisions = Counter("uwrt_shadow_decisions", "Requests the challenger (shadow) bundle scored, by "
                                         "the champion's and the challenger's outcome", ["champion", "challenger"],
                                         registry=reg)

@@ -54,6 +54,10 @@ DRIFT_EVERY_S = 5.0
 _OUTCOME_NAME = {v: k for k, v in pb.Outcome.items()}
 
 
+#: the decision records' idempotency counts exported as uwrt_records_idempotency_total{result}
+IDEMPOTENCY_COUNTS = ("replays", "conflicts", "waits", "wait_timeouts", "errors_recorded")
+
+
 class Observer:
     """The observing side of one ServingRuntime. `batcher`: for its counters and queue."""
 
@@ -194,8 +198,8 @@ class Observer:
         self._init_metrics()
         d = self._deltas
         enc = new.encoder_stats()
-        d["enc_fail"].last = float(enc.get("primary_failures", 0) or 0)       # type: ignore[arg-type]
-        d["enc_fb"].last = float(enc.get("fallback_batches", 0) or 0)         # type: ignore[arg-type]
+        d["enc_fail"].last = float(enc.get("primary_failures", 0) or 0)  # type: ignore[arg-type]
+        d["enc_fb"].last = float(enc.get("fallback_batches", 0) or 0)  # type: ignore[arg-type]
         d["reasons_fb"].last = float(getattr(new.explainer, "fallbacks", 0))
         d["paths"] = {}
         trees_stats = getattr(new.trees, "stats", None)
@@ -218,6 +222,20 @@ class Observer:
         self._deltas["records"] = m.delta(m.records_written, float(s.get("records", 0)))
         self._deltas["fsyncs"] = m.delta(m.records_fsyncs, float(s.get("fsyncs", 0)))
         self._deltas["rec_fail"] = m.delta(m.records_failures, float(s.get("failures", 0)))
+        for k in IDEMPOTENCY_COUNTS:
+            self._deltas[f"idem_{k}"] = m.delta(m.records_idempotency.labels(k), float(s.get(k, 0)))
+
+    def attach_reloader(self, reloader: Any) -> None:
+        """Hot reload (runtime/serving/reload.py) reports through its metrics hook: reloads by
+        result. (The bundle info series follows `swap`.)"""
+        m = self.m
+        if m is None:
+            return
+
+        def hook(name: str, labels: str, value: float) -> None:
+            if name == "uwrt_reloads_total":
+                m.reloads.labels(labels.partition("=")[2]).inc(value)
+        reloader.metrics_hook = hook
 
     def attach_shadow(self, shadow: Any) -> None:
         """The challenger (runtime/serving/shadow.py) reports through its metrics hook: outcome
@@ -265,8 +283,8 @@ class Observer:
             d[key].last = float(total)
         d["batches0"] = float(s["batches"])
         enc = self.pipe.encoder_stats()
-        d["enc_fail"].last = float(enc.get("primary_failures", 0) or 0)       # type: ignore[arg-type]
-        d["enc_fb"].last = float(enc.get("fallback_batches", 0) or 0)         # type: ignore[arg-type]
+        d["enc_fail"].last = float(enc.get("primary_failures", 0) or 0)  # type: ignore[arg-type]
+        d["enc_fb"].last = float(enc.get("fallback_batches", 0) or 0)  # type: ignore[arg-type]
         d["reasons_fb"].last = float(getattr(self.pipe.explainer, "fallbacks", 0))
         trees_stats = getattr(self.pipe.trees, "stats", None)
         if callable(trees_stats):
@@ -297,8 +315,8 @@ class Observer:
         m.queue_depth.set(queued)
         m.inflight.set(queued + running)
         enc = self.pipe.encoder_stats()
-        d["enc_fail"].to(float(enc.get("primary_failures", 0) or 0))         # type: ignore[arg-type]
-        d["enc_fb"].to(float(enc.get("fallback_batches", 0) or 0))           # type: ignore[arg-type]
+        d["enc_fail"].to(float(enc.get("primary_failures", 0) or 0))  # type: ignore[arg-type]
+        d["enc_fb"].to(float(enc.get("fallback_batches", 0) or 0))  # type: ignore[arg-type]
         m.degraded.set(1 if self.pipe.degraded else 0)
         trees_stats = getattr(self.pipe.trees, "stats", None)
         if callable(trees_stats):
@@ -320,6 +338,8 @@ class Observer:
             d["records"].to(float(a.get("records", 0)))
             d["fsyncs"].to(float(a.get("fsyncs", 0)))
             d["rec_fail"].to(float(a.get("failures", 0)))
+            for k in IDEMPOTENCY_COUNTS:
+                d[f"idem_{k}"].to(float(a.get(k, 0)))
         m.explain_cache.set(len(self.cache) if self.cache is not None else 0)
         now = time.monotonic()
         if self.window is not None:

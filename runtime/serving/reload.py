@@ -149,6 +149,11 @@ class LocalReloader:
         self.reloads = 0
         self.refused = 0
         self.last = ""
+        #: METRICS HOOK (the observability work's exporter plugs in here): `metrics_hook(name,
+        #: labels, value)`: `uwrt_reloads_total` with `result=ok|refused` per reload, and
+        #: `uwrt_bundle_info` (value 1) with `bundle_id=...,bundle_digest=...` of the bundle now
+        #: serving, at each commit. Called on the event loop.
+        self.metrics_hook: Callable[[str, str, float], None] | None = None
         self._lock = asyncio.Lock()
         self._prepared: dict[str, Prepared] = {}
 
@@ -159,6 +164,8 @@ class LocalReloader:
         except ReloadRefused as e:
             self.refused += 1
             self.last = f"refused {path}: {e}"
+            if self.metrics_hook is not None:
+                self.metrics_hook("uwrt_reloads_total", "result=refused", 1.0)
             log.error("reload refused: %s: %s; still serving %s (%s)", path, e, self.rt.pipeline.identity.bundle_id,
                       self.rt.pipeline.identity.bundle_digest[:12])
             raise
@@ -168,6 +175,10 @@ class LocalReloader:
         self.reloads += 1
         self.default_bundle = p.bundle
         self.last = f"serving {p.pipeline.identity.bundle_id} ({p.digest[:12]}) from {p.bundle}"
+        if self.metrics_hook is not None:
+            self.metrics_hook("uwrt_reloads_total", "result=ok", 1.0)
+            self.metrics_hook("uwrt_bundle_info", f"bundle_id={p.pipeline.identity.bundle_id},"
+                              f"bundle_digest={p.digest}", 1.0)
         log.info("reload: now serving bundle %s (%s) from %s; batches already running finish on %s (%s)",
                  p.pipeline.identity.bundle_id, p.digest[:12], p.bundle, old.identity.bundle_id,
                  old.identity.bundle_digest[:12])

@@ -632,6 +632,7 @@ class Server:
         # reload_fn with a request to its supervisor, which reloads every worker together
         self.reloader = LocalReloader(self.rt, bundle_path or cfg.bundle, build_pipeline)
         self.reload_fn: Callable[[str, str], Awaitable[Any]] = self.reloader.reload
+        self.rt.obs.attach_reloader(self.reloader)
         self.rt.info_sources.append(lambda: {f"reload.{k}": v for k, v in self.reloader.stats().items()})
         services = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         if cfg.admin_enabled:      # raw-bytes handlers too (undecodable: INVALID_ARGUMENT); role "admin" with auth on

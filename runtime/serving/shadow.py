@@ -15,7 +15,8 @@ there (until then GetModelInfo is the only export). The offline version of the s
 `uwrt audit replay DIR --bundle CHALLENGER`.
 
 Caveat: the shadow thread shares the process's GIL and core with serving; its priority and the
-skip-while-busy rule keep it out of the way, not its Python work off the GIL (measured: README).
+skip-while-busy rule keep it out of the way, not its Python work off the GIL (its cost on the
+champion's latency is not measured yet: README, Decision records).
 Thread safety: `offer` from the writer thread, `stats` from the loop (reads counters).
 """
 from __future__ import annotations

@@ -84,6 +84,36 @@ def test_restart_continues_the_seq_and_the_chain(tmp_path, rng):
     assert [r.seq for _, r in records(tmp_path)] == list(range(1, 10))
 
 
+@pytest.mark.parametrize("durability", ["fsync", "interval"])
+def test_when_a_submission_is_released_relative_to_its_fsync(tmp_path, rng, durability):
+    """fsync: `then` runs only after the fdatasync; interval: `then` runs after the write, and a
+    due fdatasync runs after it (a response never waits for one). The fsync is held on an event,
+    so the order is observed, not timed."""
+    log = DecisionLog(str(tmp_path), 0, durability=durability, interval_ms=1)
+    entered, release = threading.Event(), threading.Event()
+    real_sync = log.segments.sync
+
+    def held_sync() -> None:
+        entered.set()
+        assert release.wait(30)
+        real_sync()
+
+    log.segments.sync = held_sync            # type: ignore[method-assign]
+    log.start()
+    released = threading.Event()
+    log.submit([body(1, rng)], lambda _: released.set())
+    assert entered.wait(30)                  # interval_ms=1: a sync is due at once in both modes
+    if durability == "fsync":
+        assert not released.is_set()          # still inside the fsync: not released
+        release.set()
+        assert released.wait(30)
+    else:
+        assert released.wait(30)              # released while the fsync is still held
+        release.set()
+    log.close()
+    assert log.stats.fsyncs >= 1 and verify(tmp_path).ok
+
+
 def test_a_second_process_cannot_take_a_held_writer(tmp_path):
     log = DecisionLog(str(tmp_path), 0)
     try:

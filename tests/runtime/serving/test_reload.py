@@ -45,9 +45,13 @@ def test_two_reloads_under_load_drop_nothing(pipe, small_bundle, other_bundle, t
         fh.seek(100)
         fh.write(bytes([b[0] ^ 0xFF]))
 
+    hooked: list[tuple[str, str, float]] = []       # the metrics hooks (the exporter plugs in there)
+
     async def main():
         server = Server(pipe, cfg, bundle_path=str(small_bundle))
         await server.start()
+        assert server.rt.audit is not None
+        server.reloader.metrics_hook = server.rt.audit.metrics_hook = lambda n, lab, v: hooked.append((n, lab, v))
         ch = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         stub, admin = pb_grpc.UnderwritingStub(ch), admin_grpc.AdminStub(ch)
         stop = asyncio.Event()
@@ -101,6 +105,10 @@ def test_two_reloads_under_load_drop_nothing(pipe, small_bundle, other_bundle, t
     sent = {g.request_id: g.model.bundle_digest for g in got}
     assert all(sent[r.request_id] == r.response.model.bundle_digest for r in recs)
     assert verify(tmp_path / "log").ok
+    reloads = [lab for n, lab, _ in hooked if n == "uwrt_reloads_total"]
+    assert sorted(reloads) == ["result=ok", "result=ok", "result=refused"]
+    assert [lab for n, lab, _ in hooked if n == "uwrt_bundle_info"][-1].endswith(f"bundle_digest={b_digest}")
+    assert sum(v for n, _, v in hooked if n == "uwrt_records_written_total") == len(list(records(tmp_path / "log")))
 
 
 def test_admin_service_is_off_by_default(pipe):
