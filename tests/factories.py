@@ -31,3 +31,14 @@ def make_request(n_events: int, rng: np.random.Generator, *, request_id: str = "
     for k, v in (features or {}).items():
         r.features[k] = v
     return r
+
+
+def relabelled(traffic, prefix: str, n: int) -> list[pb.DecisionRequest]:
+    """`n` copies of requests from `traffic` (cycled) with ids `prefix-0` .. `prefix-(n-1)`."""
+    out = []
+    for i in range(n):
+        r = pb.DecisionRequest()
+        r.CopyFrom(traffic[i % len(traffic)])
+        r.request_id = f"{prefix}-{i}"
+        out.append(r)
+    return out

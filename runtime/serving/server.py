@@ -44,7 +44,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sized
 from typing import Any
 
 import grpc
@@ -378,6 +378,46 @@ def _error_response(request_id: str, e: Exception) -> pb.DecisionResponse:
     return resp
 
 
+class _Outbox:
+    """A DecideStream's responses on their way to the client, with the stream's flow control:
+    `put_nowait` a response (None ends the stream); the reader awaits `room()` after each message,
+    which waits while `stream_max_pending` requests are read but not yet handed to the client
+    (`pending`: the requests in flight, any sized collection, plus the responses queued here), so
+    HTTP/2 flow control pushes back on a client that writes and never reads; `responses()` is the
+    writer's side and lets the reader go on once there is room again."""
+
+    __slots__ = ("q", "max_pending", "pending", "space")
+
+    def __init__(self, max_pending: int, pending: Sized) -> None:
+        self.q: asyncio.Queue = asyncio.Queue()
+        self.max_pending = max_pending
+        self.pending = pending
+        self.space: asyncio.Event | None = None     # set by the writer when the waiting reader may go on
+
+    def put_nowait(self, item: pb.DecisionResponse | None) -> None:
+        self.q.put_nowait(item)
+
+    def _full(self) -> bool:
+        return len(self.pending) + self.q.qsize() >= self.max_pending
+
+    async def room(self) -> None:
+        if self._full():
+            self.space = asyncio.Event()
+            await self.space.wait()
+
+    async def responses(self, read_task: asyncio.Task) -> AsyncIterator[pb.DecisionResponse]:
+        """Every response until the end marker, then the reader's own end (its error, if any)."""
+        while True:
+            item = await self.q.get()
+            if item is None:
+                break
+            if self.space is not None and not self._full():
+                self.space.set()
+                self.space = None
+            yield item
+        await read_task
+
+
 class UnderwritingService(pb_grpc.UnderwritingServicer):
     """The Underwriting methods. Decide and DecideStream receive raw bytes (registered by
     runtime/serving/wire.py) and parse them here, size check first; GetModelInfo its message."""
@@ -454,11 +494,9 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
             async for resp in self._stream_recorded(request_iterator, context):
                 yield resp
             return
-        out: asyncio.Queue = asyncio.Queue()
         live: dict[int, _Entry] = {}
+        out = _Outbox(rt.cfg.transport.stream_max_pending, live)
         reading = True
-        max_pending = rt.cfg.transport.stream_max_pending
-        space: asyncio.Event | None = None       # set by the writer when the waiting reader may go on
         priority_allowed = security.may_set_priority()
         error_response = _error_response
 
@@ -477,7 +515,7 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                 out.put_nowait(None)
 
         async def reader() -> None:
-            nonlocal reading, space
+            nonlocal reading
             try:
                 async for data in request_iterator:
                     t0 = time.perf_counter_ns()
@@ -498,9 +536,7 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                         else:
                             live[id(entry)] = entry
                             entry.future.add_done_callback(functools.partial(done, req, entry, t0))
-                    if len(live) + out.qsize() >= max_pending:
-                        space = asyncio.Event()
-                        await space.wait()
+                    await out.room()
             finally:
                 reading = False
                 if not live:
@@ -508,15 +544,8 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
 
         read_task = asyncio.create_task(reader())
         try:
-            while True:
-                item = await out.get()
-                if item is None:
-                    break
-                if space is not None and len(live) + out.qsize() < max_pending:
-                    space.set()
-                    space = None
+            async for item in out.responses(read_task):
                 yield item
-            await read_task
         finally:
             read_task.cancel()
             for entry in list(live.values()):
@@ -528,11 +557,9 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         waiting for a claim), its response or in-band error goes to the stream when recorded.
         Undecodable messages and flow control (`stream_max_pending`) as without records."""
         rt = self.rt
-        out: asyncio.Queue = asyncio.Queue()
         live: set[asyncio.Task] = set()
+        out = _Outbox(rt.cfg.transport.stream_max_pending, live)
         reading = True
-        max_pending = rt.cfg.transport.stream_max_pending
-        space: asyncio.Event | None = None       # set by the writer when the waiting reader may go on
         priority_allowed = security.may_set_priority()
 
         async def one(req: pb.DecisionRequest, size: int, t0: int) -> None:
@@ -558,7 +585,7 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                 out.put_nowait(None)
 
         async def reader() -> None:
-            nonlocal reading, space
+            nonlocal reading
             try:
                 async for data in request_iterator:
                     t0 = time.perf_counter_ns()
@@ -571,9 +598,7 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                         task = asyncio.ensure_future(one(req, len(data), t0))
                     live.add(task)
                     task.add_done_callback(done)
-                    if len(live) + out.qsize() >= max_pending:
-                        space = asyncio.Event()
-                        await space.wait()
+                    await out.room()
             finally:
                 reading = False
                 if not live:
@@ -581,15 +606,8 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
 
         read_task = asyncio.create_task(reader())
         try:
-            while True:
-                item = await out.get()
-                if item is None:
-                    break
-                if space is not None and len(live) + out.qsize() < max_pending:
-                    space.set()
-                    space = None
+            async for item in out.responses(read_task):
                 yield item
-            await read_task
         finally:
             read_task.cancel()
             for task in list(live):

@@ -13,7 +13,7 @@ import pytest
 
 from uwrt.demo.synth import generate
 from uwrt.runtime.cli.main import main as cli_main
-from uwrt.runtime.config import RuntimeConfig
+from uwrt.runtime.config import RuntimeConfig, SecurityConfig
 from uwrt.runtime.errors import BundleError
 from uwrt.runtime.jsonl import write_jsonl
 from uwrt.runtime.monitoring.drift import (
@@ -176,7 +176,7 @@ def test_offline_drift_flags_the_shifted_mix_only(small_bundle, tmp_path, capsys
 
 
 N_SERVED = 1500
-CFG = RuntimeConfig(port=0, grace_s=5.0, drift_min_decisions=200, model_info_exposure="full",
+CFG = RuntimeConfig(port=0, grace_s=5.0, drift_min_decisions=200, security=SecurityConfig(model_info_exposure="full"),
                     batching=BatchingConfig(max_batch_size=16, max_queue=2048, max_queue_delay_us=60_000_000))
 
 

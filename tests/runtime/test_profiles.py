@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.factories import relabelled
 from uwrt.runtime import profiles
 from uwrt.runtime.cli.main import main
 from uwrt.runtime.config import RuntimeConfig
@@ -121,16 +122,6 @@ async def _serve_and_ask(pipe, cfg, reqs, profile, reason, between=None):
     return st, got, info
 
 
-def _reqs(traffic, n, tag):
-    out = []
-    for i in range(n):
-        r = pb.DecisionRequest()
-        r.CopyFrom(traffic[i])
-        r.request_id = f"{tag}-{i}"
-        out.append(r)
-    return out
-
-
 SMALL = dict(max_batch_size=8, max_batch_tokens=1024, max_queue=1024, max_queue_delay_us=60_000_000)
 
 
@@ -140,7 +131,7 @@ def test_cpu_profile_each_backend_end_to_end(backend, small_bundle, traffic, mon
     r = load_config(env={}, profile="cpu", encoder_backend=backend, bundle=str(small_bundle), port=0, **SMALL)
     pipe = build_pipeline(r.config, str(small_bundle))
     assert pipe.encoder.name == backend
-    reqs = _reqs(traffic, 12, backend)
+    reqs = relabelled(traffic, backend, 12)
     offline = {q.request_id: o for q, o in zip(reqs, pipe.decide(reqs), strict=True)}
     st, got, info = asyncio.run(_serve_and_ask(pipe, r.config, reqs, r.config.profile, r.reason))
     assert st.status == health_pb2.HealthCheckResponse.SERVING
@@ -187,7 +178,7 @@ def test_gpu_profile_wiring_with_a_fake_device(small_bundle, traffic, monkeypatc
     assert gpu.device == "cuda" and gpu.batch_buckets[-1] == 8 and gpu.batch_buckets[0] == 1
     mh = pipe.bundle.encoder_config.max_history
     assert gpu.token_buckets[0] == 16 and gpu.token_buckets[-1] == max(mh, min(1024, 8 * mh))
-    reqs = _reqs(traffic, 10, "g")
+    reqs = relabelled(traffic, "g", 10)
 
     def inject():
         gpu.fail = True

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from tests.factories import relabelled
 from uwrt.runtime.config import RuntimeConfig
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.pipeline import Pipeline, sigmoid
@@ -22,16 +23,6 @@ from uwrt.runtime.trees.base import TreeExplainer, load_booster
 
 CFG = RuntimeConfig(port=0, grace_s=5.0, batching=BatchingConfig(max_batch_size=8, max_queue=1024,
                                                                  max_queue_delay_us=60_000_000))
-
-
-def _requests(traffic, prefix: str, n: int) -> list[pb.DecisionRequest]:
-    out = []
-    for i in range(n):
-        r = pb.DecisionRequest()
-        r.CopyFrom(traffic[i % len(traffic)])
-        r.request_id = f"{prefix}-{i}"
-        out.append(r)
-    return out
 
 
 def _run(pipe, cfg, body):
@@ -53,7 +44,7 @@ def _code(e: BaseException) -> grpc.StatusCode:
 
 
 def test_explain_by_id_and_by_request_agree_with_decide_and_xgboost(pipe, traffic):
-    reqs = _requests(traffic, "ex", 40)
+    reqs = relabelled(traffic, "ex", 40)
 
     async def body(stub, server):
         decided = await asyncio.gather(*(stub.Decide(r, timeout=60) for r in reqs))
@@ -99,7 +90,7 @@ def test_explain_by_id_and_by_request_agree_with_decide_and_xgboost(pipe, traffi
 
 
 def test_explain_errors_name_the_field(pipe, traffic):
-    bad = _requests(traffic, "bad", 1)[0]
+    bad = relabelled(traffic, "bad", 1)[0]
     bad.purchase.amount_minor = 0
 
     async def body(stub, server):
@@ -126,7 +117,7 @@ def test_explain_runs_on_its_own_low_priority_thread_with_its_own_queue_and_dead
     beyond explain_max_queue are refused, the queued ones expire at explain_timeout_s."""
     cfg = RuntimeConfig(port=0, grace_s=5.0, explain_max_queue=3, explain_timeout_s=0.5,
                         batching=CFG.batching)
-    reqs = _requests(traffic, "busy", 6)
+    reqs = relabelled(traffic, "busy", 6)
 
     async def body(stub, server):
         await asyncio.gather(*(stub.Decide(r, timeout=60) for r in reqs))
@@ -141,7 +132,7 @@ def test_explain_runs_on_its_own_low_priority_thread_with_its_own_queue_and_dead
             calls = [asyncio.ensure_future(stub.Explain(pb.ExplainRequest(request_id=r.request_id), timeout=30))
                      for r in reqs[:4]]
             await asyncio.sleep(0.2)
-            decided = await stub.Decide(_requests(traffic, "meanwhile", 1)[0], timeout=10)
+            decided = await stub.Decide(relabelled(traffic, "meanwhile", 1)[0], timeout=10)
             results = await asyncio.gather(*calls, return_exceptions=True)
         finally:
             release.set()
@@ -162,7 +153,7 @@ def test_reasons_out_of_decide(small_bundle, pipe, traffic):
     """reasons = "explain": Decide computes no reasons and says so; Explain gives the reasons an
     inline server would have returned; everything else in the decision is unchanged."""
     deferred = Pipeline.from_dir(small_bundle, config=RuntimeConfig(reasons="explain"))
-    reqs = _requests(traffic, "rm", 60)
+    reqs = relabelled(traffic, "rm", 60)
 
     async def decide_all(stub, server):
         return await asyncio.gather(*(stub.Decide(r, timeout=60) for r in reqs))

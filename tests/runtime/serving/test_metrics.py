@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.factories import ROOT
+from tests.factories import ROOT, relabelled
 from tests.runtime.serving.test_supervisor import FRESH, _read_until
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.serving.metrics import (
@@ -126,16 +126,6 @@ class Live:
             return self.proc.wait()
 
 
-def _traffic(traffic, prefix: str, n: int) -> list[pb.DecisionRequest]:
-    out = []
-    for i in range(n):
-        r = pb.DecisionRequest()
-        r.CopyFrom(traffic[i % len(traffic)])
-        r.request_id = f"{prefix}-{i}"
-        out.append(r)
-    return out
-
-
 def _poll(port: int, cond, timeout_s: float = 20.0) -> dict[str, list]:
     end = time.monotonic() + timeout_s
     while True:
@@ -148,11 +138,11 @@ def _poll(port: int, cond, timeout_s: float = 20.0) -> dict[str, list]:
 def test_single_process_scrape_counts_every_request(small_bundle, traffic, tmp_path):
     live = Live(small_bundle, tmp_path, "--workers", "1")
     try:
-        ok = _traffic(traffic, "m", 60)
-        bad = _traffic(traffic, "bad", 5)
+        ok = relabelled(traffic, "m", 60)
+        bad = relabelled(traffic, "bad", 5)
         for r in bad:
             r.purchase.amount_minor = 0                       # INVALID_ARGUMENT
-        streamed = _traffic(traffic, "s", 10)
+        streamed = relabelled(traffic, "s", 10)
         with grpc.insecure_channel(f"127.0.0.1:{live.port}") as ch:
             stub = pb_grpc.UnderwritingStub(ch)
             futs = [stub.Decide.future(r, timeout=30) for r in ok]
@@ -222,7 +212,7 @@ def test_metrics_port_in_use_fails_start_up(small_bundle, tmp_path):
 def test_supervised_workers_reach_one_scrape(small_bundle, traffic, tmp_path):
     live = Live(small_bundle, tmp_path, "--workers", "2", "--pin-workers", "off")
     try:
-        reqs = _traffic(traffic, "w", 80)
+        reqs = relabelled(traffic, "w", 80)
         channels = [grpc.insecure_channel(f"127.0.0.1:{live.port}", options=FRESH) for _ in range(8)]
         stubs = [pb_grpc.UnderwritingStub(c) for c in channels]
         pids = set()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.factories import ROOT
+from tests.factories import ROOT, relabelled
 from uwrt.runtime.config import RuntimeConfig
 from uwrt.runtime.pb import pb, pb_grpc
 from uwrt.runtime.serving.batching import BatchingConfig
@@ -25,16 +25,6 @@ from uwrt.runtime.serving.tracing import Tracing
 CFG = RuntimeConfig(port=0, grace_s=5.0, batching=BatchingConfig(max_batch_size=8, max_queue=1024,
                                                                  max_queue_delay_us=60_000_000))
 STAGES = {"queue", "featurize", "encode", "trees", "policy"}
-
-
-def _requests(traffic, prefix: str, n: int) -> list[pb.DecisionRequest]:
-    out = []
-    for i in range(n):
-        r = pb.DecisionRequest()
-        r.CopyFrom(traffic[i % len(traffic)])
-        r.request_id = f"{prefix}-{i}"
-        out.append(r)
-    return out
 
 
 def _serve(pipe, reqs, tracing: Tracing | None, cfg: RuntimeConfig = CFG, stream: bool = False):
@@ -58,7 +48,7 @@ def _serve(pipe, reqs, tracing: Tracing | None, cfg: RuntimeConfig = CFG, stream
 
 def test_every_request_traced_at_ratio_one(pipe, traffic):
     exporter = InMemorySpanExporter()
-    reqs = _requests(traffic, "tr", 40)
+    reqs = relabelled(traffic, "tr", 40)
     got, obs = _serve(pipe, reqs, Tracing(1.0, exporter, simple=True))
     spans = exporter.get_finished_spans()
     roots = [s for s in spans if s.parent is None]
@@ -100,7 +90,7 @@ def test_every_request_traced_at_ratio_one(pipe, traffic):
 
 def test_stream_messages_are_traced(pipe, traffic):
     exporter = InMemorySpanExporter()
-    reqs = _requests(traffic, "st", 12)
+    reqs = relabelled(traffic, "st", 12)
     _serve(pipe, reqs, Tracing(1.0, exporter, simple=True), stream=True)
     roots = [s for s in exporter.get_finished_spans() if s.parent is None]
     assert len(roots) == 12 and {s.name for s in roots} == {"uwrt.DecideStream"}
@@ -132,7 +122,7 @@ def test_ratio_samples_exactly_the_seeded_draws(rng):
 
 def test_live_ratio_traces_a_subset(pipe, traffic):
     exporter = InMemorySpanExporter()
-    reqs = _requests(traffic, "half", 60)
+    reqs = relabelled(traffic, "half", 60)
     _serve(pipe, reqs, Tracing(0.5, exporter, simple=True, seed=3))
     roots = [s for s in exporter.get_finished_spans() if s.parent is None]
     assert 0 < len(roots) < 60           # seed 3 over these batches: some, not all (exact draws: above)
@@ -140,7 +130,7 @@ def test_live_ratio_traces_a_subset(pipe, traffic):
 
 
 def test_tracing_off_creates_no_tracer_and_no_spans(pipe, traffic):
-    got, obs = _serve(pipe, _requests(traffic, "off", 10), None, RuntimeConfig(port=0, trace_sample_ratio=0.0))
+    got, obs = _serve(pipe, relabelled(traffic, "off", 10), None, RuntimeConfig(port=0, trace_sample_ratio=0.0))
     assert len(got) == 10 and obs.tracing is None
     assert obs.info()["tracing.sample_ratio"] == 0.0
 
