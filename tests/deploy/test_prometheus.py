@@ -16,8 +16,8 @@ import urllib.request
 import grpc
 import pytest
 
-from tests.factories import ROOT
-from tests.runtime.serving.test_metrics import Live, _traffic, scrape, value
+from tests.factories import ROOT, relabelled
+from tests.runtime.serving.test_metrics import Live, scrape, value
 from uwrt.runtime.pb import pb_grpc
 from uwrt.runtime.serving.ports import check_free
 
@@ -91,7 +91,7 @@ def test_prometheus_scrapes_and_answers_p99(small_bundle, traffic, tmp_path):
         with grpc.insecure_channel(f"127.0.0.1:{live.port}") as ch:
             stub = pb_grpc.UnderwritingStub(ch)
             for phase, n in (("a", 30), ("b", 60)):            # two phases: rate() sees the counts grow
-                for f in [stub.Decide.future(r, timeout=30) for r in _traffic(traffic, f"p{phase}", n)]:
+                for f in [stub.Decide.future(r, timeout=30) for r in relabelled(traffic, f"p{phase}", n)]:
                     f.result()
                 sent = 30 if phase == "a" else 90
                 wait_for(lambda sent=sent: scalar(web, f"sum({sel})") == sent, 90,
