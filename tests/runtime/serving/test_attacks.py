@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
 
 from tests.runtime.serving.attack import FRESH
 from tests.runtime.serving.test_server import copy
@@ -78,10 +79,24 @@ def test_just_over_the_size_limit_names_the_field(attack_server, neighbours, tra
     assert details == f"request: {r.ByteSize()} bytes exceeds the limit of {LIMIT}"
 
 
-def _garbage(valid: bytes) -> dict[str, bytes]:
+def _truncated(req: pb.DecisionRequest) -> bytes:
+    """The request cut short inside a field. A cut can land on a field boundary (then the prefix
+    is a valid message), and where the middle falls depends on the order the `features` map is
+    serialized in, which follows Python's per-process string hashing: so search for a cut that
+    protobuf itself refuses instead of trusting a fixed one."""
+    valid = req.SerializeToString(deterministic=True)
+    for cut in range(len(valid) // 2 + 1, len(valid)):
+        try:
+            pb.DecisionRequest.FromString(valid[:cut])
+        except DecodeError:
+            return valid[:cut]
+    raise AssertionError("no undecodable prefix found")
+
+
+def _garbage(req: pb.DecisionRequest) -> dict[str, bytes]:
     return {
         "random": bytes(range(256)) * 3,
-        "truncated": valid[:len(valid) // 2 + 1],
+        "truncated": _truncated(req),
         "bad_utf8_request_id": b"\x0a\x04\xff\xfe\xfd\xfc",           # field 1 (string), invalid UTF-8
         "wrong_wire_type": b"\x12\x05" + b"\x00" * 5 + b"\x0d\x01\x02\x03",   # field 1 as fixed32 after junk
         "huge_length": b"\x0a\xff\xff\xff\xff\x0f",                   # a 4 GB string field
@@ -93,7 +108,7 @@ def _garbage(valid: bytes) -> dict[str, bytes]:
 def test_undecodable_unary_requests_are_invalid_argument(attack_server, neighbours, traffic):
     """Item 5: never UNKNOWN with a Python exception name; INVALID_ARGUMENT naming the field."""
     srv = attack_server
-    cases = _garbage(traffic[2].SerializeToString())
+    cases = _garbage(traffic[2])
 
     def attack():
         out = {}
@@ -123,7 +138,7 @@ def test_undecodable_model_info_request_is_invalid_argument(attack_server, neigh
 def test_undecodable_stream_message_is_answered_in_band_and_the_stream_goes_on(attack_server, neighbours, traffic):
     """Item 4: the stream used to hang (no status, later requests never answered)."""
     srv = attack_server
-    junk = _garbage(traffic[3].SerializeToString())
+    junk = _garbage(traffic[3])
     valid = [neighbours.next() for _ in range(6)]
     msgs = []
     for v, j in zip(valid, itertools.cycle(junk.values())):
