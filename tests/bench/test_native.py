@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -321,3 +322,24 @@ def test_native_fifo_option(native_bin, echo_server):
     row = loadgen.run_step(echo_server.target, StepSpec(rate=100, duration_s=0.3, rpc="health", engine="native",
                                                         fifo=True, tag="fifo", timeout_s=LONG))
     assert row["client_fifo"] and row["errors"] == {} and row["completed"] == row["sent"] > 0
+
+
+# ---- bench/transport_floor.py: the floor's CPU per request next to uwrt's ---------------------------
+
+def test_transport_floor_measures_bare_and_echo_servers(native_bin, tmp_path):
+    """A short real run (in a subprocess: it pins itself): every step completes its requests with
+    no error, server CPU is read from /proc (> 0), and the bare server's fixed bytes are a
+    DecisionResponse (the generator parses what it gets back)."""
+    from uwrt.bench.transport_floor import BARE_RESPONSE
+    assert pb.DecisionResponse.FromString(BARE_RESPONSE).request_id.startswith("bare-")
+    out = tmp_path / "floor.json"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "uwrt.bench.transport_floor", "--servers", "bare,echo",
+                           "--rates", "150", "--duration", "1", "--warmup", "0.5", "--rounds", "1",
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(r["server"] for r in rows) == ["bare", "echo"]
+    for r in rows:
+        assert r["completed"] > 50 and not r["errors"] and r["server_cpu_s"] > 0, r
+    assert "| bare | native | 150 |" in proc.stdout and "| echo | native | 150 |" in proc.stdout
