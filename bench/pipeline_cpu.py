@@ -19,6 +19,9 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     from uwrt.demo.synth import generate
     from uwrt.runtime.pipeline import Pipeline
     if len(argv) != 1:
