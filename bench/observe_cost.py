@@ -27,6 +27,18 @@ from typing import Any
 from uwrt.bench.meta import git_sha
 
 
+class _Call:
+    """A unary call's context as the handler sees it: a typical client's metadata, no traceparent."""
+
+    METADATA = (("user-agent", "grpc-python/1.85.1 grpc-c/50.0.0 (linux; chttp2)"), ("x-request-source", "engine-7"))
+
+    def invocation_metadata(self) -> tuple:
+        return self.METADATA
+
+
+_CALL = _Call()
+
+
 def _capture(pipe, reqs) -> list[tuple[Any, Any, list, Any]]:
     got: list[tuple[Any, Any, list, Any]] = []
     pipe.on_batch = lambda batch, rows, responses, times: got.append((batch, rows, responses, times))
@@ -70,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                "metrics+trace-1%": (True, 0.01), "explain-cache": (False, 0.0, 4096),
                "defaults": (True, 0.0, 4096)}
     observers = {name: observer(*c) for name, c in configs.items()}
+    has_parent = hasattr(Observer, "trace_parent")       # older checkouts (PYTHONPATH) do not read it
     rows: list[dict] = []
     for bs in [int(x) for x in args.batches.split(",")]:
         reqs = pool[:bs]
@@ -89,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                             obs.on_batch(batch, r, responses, times)
                         for resp in responses:
                             start = time.perf_counter_ns()
-                            obs.rpc_done("Decide", "OK", start, resp)
+                            # as Server.Decide: the client's trace context is read when tracing is on
+                            parent = obs.trace_parent(_CALL) if obs.tracing is not None and has_parent else None
+                            obs.rpc_done("Decide", "OK", start, resp, *(() if parent is None else (parent,)))
                 if obs.window is not None:
                     obs._bin_pending()                       # the sync thread's share: binning for drift
                 if obs.tracing is not None:

@@ -335,7 +335,8 @@ class RuntimeConfig:
     #: Address the metrics endpoint listens on; empty = the same as `host`.
     metrics_host: str = ""
     #: Share of decisions traced with OpenTelemetry (one span per request, child spans per stage;
-    #: README: Operating uwrt). 0 = tracing off (no per-request work).
+    #: README: Operating uwrt). A call carrying a client's W3C `traceparent` joins that trace and
+    #: its sampled flag decides instead. 0 = tracing off (no per-request work).
     trace_sample_ratio: float = 0.0
     #: Where sampled spans go: "otlp" (OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT, default
     #: localhost:4317; needs the optional requirements/otlp.txt), "console" (JSON on stderr) or

@@ -126,8 +126,10 @@ class Observer:
         if self.tracing is not None:
             self.tracing.shutdown()
 
-    def rpc_done(self, method: str, code: str, t0_ns: int, resp: pb.DecisionResponse | None = None) -> None:
-        """At an RPC's end (per message on DecideStream): `code` the gRPC status name."""
+    def rpc_done(self, method: str, code: str, t0_ns: int, resp: pb.DecisionResponse | None = None,
+                 parent: Any = None) -> None:
+        """At an RPC's end (per message on DecideStream): `code` the gRPC status name; `parent`:
+        the client's trace context (tracing.Parent, from `trace_parent`)."""
         end = time.perf_counter_ns()
         m = self.m
         if m is not None:
@@ -135,7 +137,14 @@ class Observer:
             if resp is not None:
                 m.queue.observe(resp.timing.queue_us * 1e-6)
         if self.tracing is not None and resp is not None:
-            self.tracing.finish(method, resp, t0_ns, end)
+            self.tracing.finish(method, resp, t0_ns, end, parent)
+
+    def trace_parent(self, context: Any) -> Any:
+        """The client's trace context of a call (tracing.Parent), None when tracing is off (the
+        metadata is then not even read) or the call carries none."""
+        if self.tracing is None:
+            return None
+        return self.tracing.parent_of(context.invocation_metadata())
 
     def on_batch(self, batch: FeatureBatch, rows: np.ndarray, responses: list[pb.DecisionResponse],
                  times: StageTimes) -> None:

@@ -459,7 +459,8 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
             self.rt.obs.rpc_done("Decide", code.name, t0)
             await context.abort(code, msg)
             raise AssertionError("unreachable: ServicerContext.abort raises") from e
-        self.rt.obs.rpc_done("Decide", "OK", t0, resp)
+        obs = self.rt.obs
+        obs.rpc_done("Decide", "OK", t0, resp, obs.trace_parent(context) if obs.tracing is not None else None)
         return resp
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
@@ -499,6 +500,7 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         reading = True
         priority_allowed = security.may_set_priority()
         error_response = _error_response
+        parent = rt.obs.trace_parent(context)
 
         def done(req: pb.DecisionRequest, entry: _Entry, t0: int, fut: asyncio.Future) -> None:
             live.pop(id(entry), None)
@@ -506,7 +508,7 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
                 exc = fut.exception()
                 try:
                     resp = rt.finish(exc if exc is not None else fut.result(), entry.queue_us, t0)
-                    rt.obs.rpc_done("DecideStream", "OK", t0, resp)
+                    rt.obs.rpc_done("DecideStream", "OK", t0, resp, parent)
                 except Exception as e:  # noqa: BLE001 - in-band, never a broken stream
                     resp = error_response(req.request_id, e)
                     rt.obs.rpc_done("DecideStream", resp.error.code, t0)
@@ -561,12 +563,13 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
         out = _Outbox(rt.cfg.transport.stream_max_pending, live)
         reading = True
         priority_allowed = security.may_set_priority()
+        parent = rt.obs.trace_parent(context)
 
         async def one(req: pb.DecisionRequest, size: int, t0: int) -> None:
             try:
                 resp = await rt.decide(req, time_remaining_s=context.time_remaining(), size=size,
                                        priority_allowed=priority_allowed, rpc=rec.RPC_DECIDE_STREAM)
-                rt.obs.rpc_done("DecideStream", "OK", t0, resp)
+                rt.obs.rpc_done("DecideStream", "OK", t0, resp, parent)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - in-band, never a broken stream

@@ -12,8 +12,15 @@
 Spans are built after the fact from times the server measures anyway, so an unsampled request
 costs nothing here and tracing off (`trace_sample_ratio = 0`, the default) creates no tracer at
 all: the request path then checks one attribute. The stage spans are the batch's (every request of
-a batch shares them); the batch id and size are attributes. Incoming trace context (a client's
-`traceparent`) is not joined: every trace starts at the server.
+a batch shares them); the batch id and size are attributes.
+
+Incoming trace context: a call whose metadata carries a valid W3C `traceparent` (and optionally
+`tracestate`) joins the client's trace: the server span is a child of the client's span, and the
+client's sampled flag decides (OpenTelemetry's parent-based sampling: flag 01 traces the request
+whatever the ratio, 00 does not); a call without one (or with a malformed one, ignored) is sampled
+by the ratio and starts its own trace. On DecideStream the stream's metadata applies to every
+message: each gets its own server span under the same client span. The metadata is read only
+when tracing is on.
 
 Thread safety: `on_batch` runs on the model thread, `finish` on the event loop; the pending map
 is a dict of single atomic operations (set / pop) bounded by MAX_PENDING.
@@ -32,7 +39,7 @@ import numpy as np
 
 from uwrt.runtime.pb import pb
 
-__all__ = ["Tracing", "TracingUnavailable", "build_exporter"]
+__all__ = ["Tracing", "TracingUnavailable", "build_exporter", "Parent"]
 
 log = logging.getLogger("uwrt.tracing")
 
@@ -68,6 +75,15 @@ def build_exporter(kind: str) -> Any:
     return OTLPSpanExporter()
 
 
+class Parent:
+    """A client's trace context from a call's metadata: the OpenTelemetry Context to start the
+    server span in, and whether the client sampled its trace."""
+    __slots__ = ("context", "sampled")
+
+    def __init__(self, context: Any, sampled: bool) -> None:
+        self.context, self.sampled = context, sampled
+
+
 class Tracing:
     """Sampling and span building for one server process. `exporter`: a SpanExporter (tests pass
     an InMemorySpanExporter; `simple` exports synchronously instead of from a batch thread)."""
@@ -89,6 +105,8 @@ class Tracing:
         self.processor = SimpleSpanProcessor(exporter) if simple else BatchSpanProcessor(exporter)
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("uwrt.server")
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        self._propagator = TraceContextTextMapPropagator()
         self._rng = np.random.default_rng(seed)
         self._batch_ids = itertools.count(1)
         self._pending: dict[int, tuple] = {}
@@ -97,30 +115,46 @@ class Tracing:
         self.sampled = 0
 
     def on_batch(self, responses: list[pb.DecisionResponse], times: Any) -> None:
-        """Model thread, once per batch: pick the sampled requests and remember their batch."""
+        """Model thread, once per batch: draw which requests the ratio samples and remember every
+        response with its batch (a client's sampled `traceparent` can still pick one at finish)."""
         n = len(responses)
-        picked = np.flatnonzero(self._rng.random(n) < self.ratio) if self.ratio < 1.0 else range(n)
-        if len(picked) == 0:
-            return
+        draws = self._rng.random(n) < self.ratio if self.ratio < 1.0 else None
         end_ns = time.perf_counter_ns()
         batch = (next(self._batch_ids), n, end_ns, times.featurize_us, times.encode_us, times.trees_us,
                  times.policy_us, times.reasons_us)
         if len(self._pending) > MAX_PENDING:       # responses never finished (clients gone): drop them
             self._pending.clear()
-        for j in picked:
-            r = responses[int(j)]
-            self._pending[id(r)] = (r, batch)
+        pending = self._pending
+        for j, r in enumerate(responses):
+            pending[id(r)] = (r, batch, True if draws is None else bool(draws[j]))
 
-    def finish(self, method: str, resp: pb.DecisionResponse, t0_ns: int, end_ns: int) -> None:
-        """Event loop, at the RPC's end: the spans of a sampled response (nothing otherwise)."""
+    def parent_of(self, metadata: Any) -> Parent | None:
+        """The client's trace context from a call's invocation metadata (None when it sends no
+        valid `traceparent`)."""
+        carrier = {k: v for k, v in (metadata or ()) if k in ("traceparent", "tracestate") and isinstance(v, str)}
+        if "traceparent" not in carrier:
+            return None
+        ctx = self._propagator.extract(carrier)
+        sc = self._trace.get_current_span(ctx).get_span_context()
+        if not sc.is_valid:
+            return None
+        return Parent(ctx, bool(sc.trace_flags.sampled))
+
+    def finish(self, method: str, resp: pb.DecisionResponse, t0_ns: int, end_ns: int,
+               parent: Parent | None = None) -> None:
+        """Event loop, at the RPC's end: the spans of a sampled response (nothing otherwise);
+        `parent`: the client's trace context, which then decides the sampling."""
         item = self._pending.pop(id(resp), None)
         if item is None or item[0] is not resp:
+            return
+        if not (parent.sampled if parent is not None else item[2]):
             return
         batch_id, size, b_end, f_us, e_us, t_us, p_us, r_us = item[1]
         off = self._epoch_offset_ns
         b0 = b_end - 1000 * (f_us + e_us + t_us + p_us)
         q = 1000 * resp.timing.queue_us
-        root = self.tracer.start_span(f"uwrt.{method}", start_time=t0_ns + off, attributes={
+        root = self.tracer.start_span(f"uwrt.{method}", context=None if parent is None else parent.context,
+                                      start_time=t0_ns + off, attributes={
             "rpc.system": "grpc", "rpc.service": "uwrt.v1.Underwriting", "rpc.method": method,
             "uwrt.request_id": resp.request_id, "uwrt.outcome": _OUTCOME.get(resp.outcome, "?"),
             "uwrt.batch.id": batch_id, "uwrt.batch.size": size, "uwrt.bundle_digest": resp.model.bundle_digest[:12]})

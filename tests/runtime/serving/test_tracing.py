@@ -164,3 +164,84 @@ def test_otlp_exporter_missing_is_a_clear_error(monkeypatch):
     with pytest.raises(TracingUnavailable, match="requirements/otlp.txt"):
         build_exporter("otlp")
     assert build_exporter("none").export([]).name == "SUCCESS"
+
+
+def _traceparent(rng, sampled: bool) -> tuple[str, int, int]:
+    trace_id = int(rng.integers(1, 1 << 62)) << 64 | int(rng.integers(1, 1 << 62))
+    span_id = int(rng.integers(1, 1 << 62))
+    return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}", trace_id, span_id
+
+
+MALFORMED = ["", "garbage", "00-" + "0" * 32 + "-" + "1" * 16 + "-01",          # all-zero trace id: invalid
+             "00-" + "a" * 32 + "-" + "0" * 16 + "-01", "zz-" + "a" * 32 + "-" + "b" * 16 + "-01",
+             "00-" + "a" * 31 + "-" + "b" * 16 + "-01"]
+
+
+def _serve_with_metadata(pipe, calls, tracing: Tracing, stream_call=None):
+    """calls: [(request, metadata or None)], unary; stream_call: (requests, metadata) for one stream."""
+    async def main():
+        server = Server(pipe, CFG)
+        server.rt.obs.tracing = tracing
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                stub = pb_grpc.UnderwritingStub(ch)
+                await asyncio.gather(*(stub.Decide(r, metadata=md, timeout=60) for r, md in calls))
+                if stream_call is not None:
+                    reqs, md = stream_call
+                    assert len([r async for r in stub.DecideStream(iter(reqs), metadata=md, timeout=60)]) == len(reqs)
+        finally:
+            await server.stop(1.0)
+    asyncio.run(main())
+
+
+def test_client_traceparent_is_joined_and_its_sampled_flag_decides(pipe, traffic, rng):
+    """A sampled client span makes the server trace the request (ratio all but 0) as its child,
+    in the client's trace; no traceparent, or a malformed one, leaves it to the ratio."""
+    reqs = relabelled(traffic, "tp", 24)
+    sampled = {r.request_id: _traceparent(rng, True) for r in reqs[:8]}
+    calls = [(r, (("traceparent", sampled[r.request_id][0]),)) for r in reqs[:8]]
+    calls += [(r, None) for r in reqs[8:14]]
+    calls += [(r, (("traceparent", MALFORMED[k % len(MALFORMED)]),)) for k, r in enumerate(reqs[14:20])]
+    stream_tp, stream_trace, stream_span = _traceparent(rng, True)
+    exporter = InMemorySpanExporter()
+    _serve_with_metadata(pipe, calls, Tracing(1e-12, exporter, simple=True, seed=0),
+                         stream_call=(reqs[20:], (("traceparent", stream_tp), ("tracestate", "vendor=x"))))
+    spans = exporter.get_finished_spans()
+    servers = [s for s in spans if s.name.startswith("uwrt.")]
+    by_id = {s.attributes["uwrt.request_id"]: s for s in servers}
+    assert set(by_id) == set(sampled) | {r.request_id for r in reqs[20:]}, sorted(by_id)
+    for rid, (_, trace_id, span_id) in sampled.items():
+        s = by_id[rid]
+        assert s.context.trace_id == trace_id and s.parent.span_id == span_id and s.parent.is_remote
+        kids = [k for k in spans if k.parent is not None and k.parent.span_id == s.context.span_id]
+        assert STAGES <= {k.name for k in kids} and all(k.context.trace_id == trace_id for k in kids)
+    for r in reqs[20:]:
+        s = by_id[r.request_id]
+        assert s.name == "uwrt.DecideStream" and s.context.trace_id == stream_trace
+        assert s.parent.span_id == stream_span
+
+
+def test_unsampled_client_trace_is_not_traced_at_ratio_one(pipe, traffic, rng):
+    reqs = relabelled(traffic, "tu", 16)
+    calls = [(r, (("traceparent", _traceparent(rng, False)[0]),)) for r in reqs[:6]]
+    calls += [(r, (("traceparent", MALFORMED[k % len(MALFORMED)]),)) for k, r in enumerate(reqs[6:12])]
+    calls += [(r, None) for r in reqs[12:]]
+    exporter = InMemorySpanExporter()
+    _serve_with_metadata(pipe, calls, Tracing(1.0, exporter, simple=True))
+    roots = [s for s in exporter.get_finished_spans() if s.name.startswith("uwrt.")]
+    assert sorted(s.attributes["uwrt.request_id"] for s in roots) == sorted(r.request_id for r in reqs[6:])
+    assert all(s.parent is None for s in roots)          # malformed context: a trace of its own
+
+
+def test_parent_of_reads_only_a_valid_traceparent(rng):
+    tr = Tracing(0.5, InMemorySpanExporter(), simple=True)
+    tp, trace_id, span_id = _traceparent(rng, True)
+    p = tr.parent_of((("user-agent", "x"), ("traceparent", tp), ("bin-bin", b"\x00")))
+    sc = tr._trace.get_current_span(p.context).get_span_context()
+    assert p.sampled and sc.trace_id == trace_id and sc.span_id == span_id and sc.is_remote
+    assert not tr.parent_of((("traceparent", _traceparent(rng, False)[0]),)).sampled
+    for bad in MALFORMED:
+        assert tr.parent_of((("traceparent", bad),)) is None, bad
+    assert tr.parent_of(()) is None and tr.parent_of(None) is None
+    tr.shutdown()
