@@ -217,10 +217,10 @@ def test_client_side_balancing_without_a_proxy(healthy):
     policy. Load spreads over the replicas; when one dies (SIGKILL) its in-flight requests fail with
     UNAVAILABLE and are retried on the others, and new ones skip it: the client sees no failure.
 
-    (A plain SIGTERM is not the fault here: with today's server shutdown order -- the batcher closes
-    and gRPC stops at once, without a NOT_SERVING period first -- a request that races the shutdown
-    can come back CANCELLED, which is not safe to retry blindly; seen once in 480 requests. README,
-    "Draining and rolling updates", has the server change that would close it.)"""
+    (SIGKILL, not SIGTERM, is the fault here: a SIGTERM'd replica keeps serving for its drain
+    delay and then refuses with UNAVAILABLE, so it would not exercise the failover. Before the
+    shutdown order was fixed, a request racing a SIGTERM could come back CANCELLED; README,
+    "Draining and rolling updates".)"""
     c = healthy
     target = "ipv4:" + ",".join(r.target for r in c.replicas)
     reqs = _traffic(480, 99, "cs-")
