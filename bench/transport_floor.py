@@ -11,13 +11,17 @@ server spend on this machine?", the question behind issue 12's 0.6 ms target. Se
     unary handler that returns fixed bytes (480, the size of an adverse DecisionResponse), no
     protobuf, no health service, no options;
   * `echo`: `uwrt.bench.echo_server` (protobuf parse, a DecisionResponse built per request);
-  * `uwrt`: `uwrt serve --workers 1` with the bundle (its pinned-worker configuration).
+  * `uwrt`: `uwrt serve --workers 1` with the bundle (its pinned-worker configuration);
+  * `cxx` (optional): the same fixed bytes from a gRPC C++ server (bench/native/cxx_echo.cc, the
+    callback API's generic service over Debian's libgrpc++; built on first use into
+    build/bench/cxx_echo by bench/native/build_cxx_echo.sh, which installs libgrpc++-dev as root):
+    what a native front end would cost on the same core.
 
 For every round, every server (started fresh, pinned to `--server-core` from its first
 instruction) and every rate: a warm-up step, then a measured step of the native open-loop engine
 (`--engine native`, Poisson, unary Decide, pinned to `--gen-core`), with the server's CPU (user +
 system, all threads, /proc) over the step divided by the requests it completed. With `--h2load`
-the bare server is also driven by Debian's h2load at 1000/s (`-c 10 --rps 100`), an independent
+the bare (and cxx) server is also driven by Debian's h2load at 1000/s (`-c 10 --rps 100`), an independent
 generator, so a floor that only our generator saw would show. Prints one line per step and a table
 of medians [min..max]; `--json` keeps every step.
 
@@ -59,8 +63,24 @@ def serve_bare() -> None:
     asyncio.run(main())
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CXX_ECHO = os.path.join(ROOT, "build", "bench", "cxx_echo")
+
+
+def _cxx_echo() -> str:
+    """The cxx_echo binary, built first when absent (raises SystemExit naming what is missing)."""
+    if not os.path.exists(CXX_ECHO):
+        proc = subprocess.run(["sh", os.path.join(ROOT, "bench", "native", "build_cxx_echo.sh")], text=True,
+                              capture_output=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"--servers cxx: cannot build bench/native/cxx_echo.cc:\n{proc.stderr.strip()}")
+    return CXX_ECHO
+
+
 def _command(name: str, bundle: str) -> list[str]:
     from uwrt.bench.servers import server_command
+    if name == "cxx":
+        return [_cxx_echo()]
     if name == "bare":
         return [sys.executable, "-m", "uwrt.bench.transport_floor", "--serve-bare"]
     if name == "uwrt":
@@ -101,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bundle", default="bundles/demo")
-    ap.add_argument("--servers", default="bare,echo,uwrt", help="comma-separated: bare, echo, uwrt")
+    ap.add_argument("--servers", default="bare,echo,uwrt", help="comma-separated: bare, echo, uwrt, cxx")
     ap.add_argument("--rates", default="400,1000", help="comma-separated requests/s")
     ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per step")
     ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per step first")
@@ -109,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-core", type=int, default=1)
     ap.add_argument("--gen-core", type=int, default=0)
     ap.add_argument("--connections", type=int, default=4)
-    ap.add_argument("--h2load", action="store_true", help="also drive the bare server with h2load at 1000/s")
+    ap.add_argument("--h2load", action="store_true", help="also drive the bare and cxx servers with h2load at 1000/s")
     ap.add_argument("--json", help="write {meta, rows} here")
     args = ap.parse_args(argv)
     if args.serve_bare:
@@ -125,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     from uwrt.bench.servers import ServerProcess
 
     names = [s.strip() for s in args.servers.split(",") if s.strip()]
-    bad = [n for n in names if n not in ("bare", "echo", "uwrt")]
+    bad = [n for n in names if n not in ("bare", "echo", "uwrt", "cxx")]
     if bad:
-        ap.error(f"--servers: unknown {bad} (bare, echo, uwrt)")
+        ap.error(f"--servers: unknown {bad} (bare, echo, uwrt, cxx)")
+    if "cxx" in names:
+        _cxx_echo()
     if "uwrt" in names and not os.path.isdir(args.bundle):
         ap.error(f"--bundle {args.bundle}: no such bundle (make demo builds bundles/demo)")
     engine, why = choose_engine("native", rpc="decide", closed=False, procs=1)
@@ -163,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(f"round {rnd} {name:5s} {rate:6.0f}/s  server {row['server_cpu_us_per_req'] or 0:7.0f} us/req"
                           f"  p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} ms  errors {r['errors'] or '-'}", flush=True)
-                if args.h2load and name == "bare":
+                if args.h2load and name in ("bare", "cxx"):
                     row = {"server": name, "round": rnd, **_h2load(srv.target, srv.pid, args.duration, args.gen_core)}
                     rows.append(row)
-                    print(f"round {rnd} bare  h2load 1000/s  server {row['server_cpu_us_per_req'] or 0:7.0f} us/req"
+                    print(f"round {rnd} {name:5s} h2load 1000/s  server {row['server_cpu_us_per_req'] or 0:7.0f} us/req"
                           f"  ({row['completed']} completed)", flush=True)
             finally:
                 srv.stop()

@@ -343,3 +343,36 @@ def test_transport_floor_measures_bare_and_echo_servers(native_bin, tmp_path):
     for r in rows:
         assert r["completed"] > 50 and not r["errors"] and r["server_cpu_s"] > 0, r
     assert "| bare | native | 150 |" in proc.stdout and "| echo | native | 150 |" in proc.stdout
+
+
+def test_cxx_echo_answers_the_bare_bytes_and_stops_on_sigterm(tmp_path):
+    """bench/native/cxx_echo.cc (the C++ transport floor): built with the system compiler, it answers
+    any unary call with exactly the bare Python server's bytes, and SIGTERM stops it (exit 0)."""
+    from uwrt.bench.transport_floor import BARE_RESPONSE
+    exe = tmp_path / "cxx_echo"
+    proc = subprocess.run(["sh", os.path.join(ROOT, "bench", "native", "build_cxx_echo.sh"), str(exe), "--no-install"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        if "libgrpc++" in proc.stderr:
+            pytest.skip("the C++ floor needs Debian's libgrpc++-dev and pkg-config (apt-get install -y "
+                        "libgrpc++-dev pkg-config; bench/native/build_cxx_echo.sh installs them as root)")
+        if "no C++ compiler" in proc.stderr:
+            pytest.skip("the C++ floor needs a C++ compiler (Debian: g++)")
+        pytest.fail(f"build_cxx_echo.sh failed:\n{proc.stderr}")
+    srv = subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = srv.stdout.readline()
+        assert line.startswith("echo serving on 127.0.0.1:"), line
+        target = line.split()[-1]
+        with grpc.insecure_channel(target) as ch:
+            call = ch.unary_unary("/uwrt.v1.Underwriting/Decide", request_serializer=lambda b: b,
+                                  response_deserializer=lambda b: b)
+            body = os.urandom(int(np.random.default_rng().integers(1, 2000)))
+            assert call(body, timeout=LONG) == BARE_RESPONSE
+            assert pb.DecisionResponse.FromString(call(b"\x0a\x01x", timeout=LONG)).request_id.startswith("bare-")
+        srv.send_signal(signal.SIGTERM)
+        assert srv.wait(timeout=LONG) == 0
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
