@@ -38,20 +38,22 @@ TRANSPORT_NAMES = {"UNAVAILABLE_CONNECT", "UNAVAILABLE_CONN_LOST", "UNAVAILABLE_
                    "INTERNAL_NO_GRPC_STATUS", "UNAVAILABLE", "CANCELLED"}
 
 
+def build_or_skip(script: str, out) -> str:
+    """Build with bench/native/<script> (never installing anything); skips with the script's own
+    message, which names the missing compiler or Debian package, when a prerequisite is absent."""
+    proc = subprocess.run(["sh", os.path.join(ROOT, "bench", "native", script), str(out), "--no-install"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        if "headers are missing" in proc.stderr or "compiler (" in proc.stderr:
+            pytest.skip(f"{script}: " + " ".join(proc.stderr.split()))
+        pytest.fail(f"bench/native/{script} failed:\n{proc.stderr}")
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def h2gen(tmp_path_factory):
     """A freshly built h2gen (skips, naming the missing package, when it cannot be built)."""
-    out = tmp_path_factory.mktemp("h2gen") / "h2gen"
-    proc = subprocess.run(["sh", os.path.join(ROOT, "bench", "native", "build.sh"), str(out), "--no-install"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        if "libnghttp2" in proc.stderr:
-            pytest.skip("the native engine needs Debian's libnghttp2-dev and pkg-config (apt-get install -y "
-                        "libnghttp2-dev pkg-config; `make bench-native` installs them as root)")
-        if "no C compiler" in proc.stderr:
-            pytest.skip("the native engine needs a C compiler (Debian: gcc)")
-        pytest.fail(f"bench/native/build.sh failed:\n{proc.stderr}")
-    return str(out)
+    return build_or_skip("build.sh", tmp_path_factory.mktemp("h2gen") / "h2gen")
 
 
 @pytest.fixture
@@ -349,17 +351,8 @@ def test_cxx_echo_answers_the_bare_bytes_and_stops_on_sigterm(tmp_path):
     """bench/native/cxx_echo.cc (the C++ transport floor): built with the system compiler, it answers
     any unary call with exactly the bare Python server's bytes, and SIGTERM stops it (exit 0)."""
     from uwrt.bench.transport_floor import BARE_RESPONSE
-    exe = tmp_path / "cxx_echo"
-    proc = subprocess.run(["sh", os.path.join(ROOT, "bench", "native", "build_cxx_echo.sh"), str(exe), "--no-install"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        if "libgrpc++" in proc.stderr:
-            pytest.skip("the C++ floor needs Debian's libgrpc++-dev and pkg-config (apt-get install -y "
-                        "libgrpc++-dev pkg-config; bench/native/build_cxx_echo.sh installs them as root)")
-        if "no C++ compiler" in proc.stderr:
-            pytest.skip("the C++ floor needs a C++ compiler (Debian: g++)")
-        pytest.fail(f"build_cxx_echo.sh failed:\n{proc.stderr}")
-    srv = subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True)
+    exe = build_or_skip("build_cxx_echo.sh", tmp_path / "cxx_echo")
+    srv = subprocess.Popen([exe], stdout=subprocess.PIPE, text=True)
     try:
         line = srv.stdout.readline()
         assert line.startswith("echo serving on 127.0.0.1:"), line
