@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         tr = Tracing(ratio, build_exporter("none")) if ratio > 0 else None
         return Observer(pipe, cfg, _Batcher(), tracing=tr)
 
-    configs = {"off": (False, 0.0), "metrics": (True, 0.0), "trace-1%": (False, 0.01), "trace-100%": (False, 1.0),
-               "metrics+trace-1%": (True, 0.01), "explain-cache": (False, 0.0, 4096),
-               "defaults": (True, 0.0, 4096)}
+    configs: dict[str, tuple[Any, ...]] = {
+        "off": (False, 0.0), "metrics": (True, 0.0), "trace-1%": (False, 0.01), "trace-100%": (False, 1.0),
+        "metrics+trace-1%": (True, 0.01), "explain-cache": (False, 0.0, 4096), "defaults": (True, 0.0, 4096)}
     observers = {name: observer(*c) for name, c in configs.items()}
     has_parent = hasattr(Observer, "trace_parent")       # older checkouts (PYTHONPATH) do not read it
     rows: list[dict] = []
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         for resp in responses:
                             start = time.perf_counter_ns()
                             # as Server.Decide: the client's trace context is read when tracing is on
-                            parent = obs.trace_parent(_CALL) if obs.tracing is not None and has_parent else None
+                            parent = obs.trace_parent(_CALL) if has_parent else None
                             obs.rpc_done("Decide", "OK", start, resp, *(() if parent is None else (parent,)))
                 if obs.window is not None:
                     obs._bin_pending()                       # the sync thread's share: binning for drift

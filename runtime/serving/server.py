@@ -459,8 +459,7 @@ class UnderwritingService(pb_grpc.UnderwritingServicer):
             self.rt.obs.rpc_done("Decide", code.name, t0)
             await context.abort(code, msg)
             raise AssertionError("unreachable: ServicerContext.abort raises") from e
-        obs = self.rt.obs
-        obs.rpc_done("Decide", "OK", t0, resp, obs.trace_parent(context) if obs.tracing is not None else None)
+        self.rt.obs.rpc_done("Decide", "OK", t0, resp, self.rt.obs.trace_parent(context))
         return resp
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
